@@ -1,0 +1,1 @@
+"""Chip characterization through any driver, model fitting, and eps."""

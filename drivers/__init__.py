@@ -1,0 +1,1 @@
+"""Array drivers: one contract; mock, tester (VISA / serial), replay; the emulated tester."""

@@ -1,0 +1,48 @@
+"""The `pcm-hil` command line. Each sub-command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train neural networks on phase-change-memory chips.")
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Train neural networks on phase-change-memory chips: real testers, simulated chips, replayed logs."""
+
+
+@app.command("pulse-response")
+def pulse_response_cmd(
+    devices: Annotated[int, typer.Option(min=2, help="Number of simulated devices.")] = 10_000,
+    pulses: Annotated[int, typer.Option(min=1, max=1000, help="SET pulses applied one at a time from RESET.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated chip.")] = 0,
+    params: Annotated[Optional[Path], typer.Option(help="PCM model parameters (TOML); default: published fit.")] = None,
+) -> None:
+    """Print mean and spread of G after 1..N SET pulses from RESET on the simulated chip."""
+    from sim import PCMParams
+    from sim.response import pulse_response
+
+    p = PCMParams.from_toml(params) if params else PCMParams()
+    r = pulse_response(p, devices, pulses, seed)
+    table = Table(title=f"Simulated pulse response ({r.n_devices} devices, seed {seed})")
+    table.add_column("SET pulses", justify="right")
+    table.add_column("mean G (uS)", justify="right")
+    table.add_column("std G (uS)", justify="right")
+    for n, m, s in zip(r.pulses, r.mean_us, r.std_us):
+        table.add_row(str(n), f"{m:.3f}", f"{s:.3f}")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Vectorized behavioral model of a PCM device array.
+
+State per device: conductance G (uS, float32, the value at the last programming event), SET pulses
+since the last RESET (history term), time of the last programming event (s, float64), drift
+exponent nu, and a device-to-device factor on the mean SET increment. 24 bytes per device.
+
+The model never reads wall time: every call says what time it is (seconds on the caller's clock).
+Drift follows G(t) = G(t_p) * ((t - t_p) / t0)^(-nu) once t - t_p exceeds t0; before that the device
+reads its programmed value (the law is a fit for t >= t0 and grows without bound as t -> t_p).
+A programming event (SET or RESET) starts from the drifted value and restarts the drift clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import AddressError, ClockError, PulseCountError, StateFileError
+from .params import PCMParams
+
+STATE_FORMAT = "pcm-hil-sim-state"
+STATE_VERSION = 1
+
+# Devices per chunk in full-array passes: keeps temporaries small and in cache.
+_CHUNK = 1 << 16
+
+IntArray = npt.NDArray[np.integer]
+FloatArray = npt.NDArray[np.float32]
+
+
+class PCMArray:
+    """A simulated array of PCM devices, seeded and vectorized; one call acts on many devices."""
+
+    def __init__(self, n_devices: int, params: PCMParams | None = None, seed: int = 0, t: float = 0.0) -> None:
+        """Fabricate n_devices devices, all freshly RESET at time t (s)."""
+        if isinstance(n_devices, bool) or not isinstance(n_devices, (int, np.integer)) or n_devices <= 0:
+            raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
+        _check_time(t)
+        self.params = params if params is not None else PCMParams()
+        self.seed = int(seed)
+        self._rng = np.random.Generator(np.random.PCG64(self.seed))
+        p = self.params
+        n = int(n_devices)
+        self._now = float(t)
+        self._g = np.empty(n, np.float32)
+        self._pulses = np.zeros(n, np.uint32)
+        self._t_prog = np.full(n, float(t), np.float64)
+        self._nu = np.empty(n, np.float32)
+        self._d2d = np.empty(n, np.float32)
+        for lo in range(0, n, _CHUNK):
+            sl = slice(lo, min(lo + _CHUNK, n))
+            m = sl.stop - sl.start
+            nu = self._rng.standard_normal(m, dtype=np.float32)
+            nu *= p.drift_nu_std
+            nu += p.drift_nu_mean
+            np.maximum(nu, 0, out=nu)
+            self._nu[sl] = nu
+            d2d = self._rng.standard_normal(m, dtype=np.float32)
+            d2d *= p.d2d_update_spread
+            d2d += 1.0
+            np.maximum(d2d, 0, out=d2d)
+            self._d2d[sl] = d2d
+        self._g[:] = self._reset_values(n)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_devices(self) -> int:
+        return int(self._g.size)
+
+    @property
+    def now(self) -> float:
+        """Latest time (s) any call has used; calls with an earlier time are refused."""
+        return self._now
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of per-device state held by this array."""
+        return sum(a.nbytes for a in (self._g, self._pulses, self._t_prog, self._nu, self._d2d))
+
+    def pulses_since_reset(self, addresses: IntArray | None = None) -> npt.NDArray[np.uint32]:
+        """SET pulses each device has had since its last RESET (a copy)."""
+        return self._pulses.copy() if addresses is None else self._pulses[self._addresses(addresses)]
+
+    def drift_exponents(self) -> FloatArray:
+        """Per-device drift exponent nu (a copy)."""
+        return self._nu.copy()
+
+    def update_factors(self) -> FloatArray:
+        """Per-device multiplicative factor on the mean SET increment (a copy)."""
+        return self._d2d.copy()
+
+    # ------------------------------------------------------------------ programming
+    def reset(self, addresses: IntArray, t: float) -> None:
+        """RESET the devices at addresses at time t (s): G ~ N(reset_mean, reset_std^2) uS, history cleared."""
+        addr = self._addresses(addresses)
+        self._advance(t)
+        self._reset_checked(addr, t)
+
+    def set_pulses(self, addresses: IntArray, counts: IntArray, t: float) -> None:
+        """Apply counts[i] SET pulses to device addresses[i] at time t (s), one pulse after another.
+
+        Each pulse's increment is drawn from the device's state after the previous one; the loop
+        runs over pulse number (at most max(counts) passes), never over devices.
+        """
+        addr = self._addresses(addresses)
+        cnt = _counts(counts, addr.size)
+        self._advance(t)
+        self._set_checked(addr, cnt, t)
+
+    def _reset_checked(self, addr: npt.NDArray[np.intp], t: float) -> None:
+        self._g[addr] = self._reset_values(addr.size)
+        self._pulses[addr] = 0
+        self._t_prog[addr] = t
+
+    def _set_checked(self, addr: npt.NDArray[np.intp], cnt: npt.NDArray[np.int64], t: float) -> None:
+        keep = cnt > 0
+        if not keep.any():
+            return
+        addr, cnt = addr[keep], cnt[keep]
+        # Devices sorted by pulse count, most first: the devices still pulsing in pass k are a prefix.
+        order = np.argsort(-cnt, kind="stable")
+        addr, cnt = addr[order], cnt[order]
+        active = np.searchsorted(-cnt, -np.arange(1, int(cnt[0]) + 1), side="right")
+
+        p = self.params
+        g = self._drifted(addr, t)
+        hist = self._pulses[addr].astype(np.float32)
+        mean_gain = self._d2d[addr]
+        # Per-device constant part of the mean, folded in once: f * c1.
+        base_mean = mean_gain * np.float32(p.set_mean_offset_us)
+        decay = np.float32(-1.0 / p.history_pulses)
+        for k, m in enumerate(active, start=1):
+            gk = g[:m]
+            hk = hist[:m]
+            hk += 1.0  # the pulse about to be applied is pulse number hist+1 since RESET
+            pk = np.exp(hk * decay)
+            sigma = p.set_std_slope * gk + np.float32(p.set_std_offset_us)
+            sigma += np.float32(p.set_std_history_us) * pk
+            sigma *= self._rng.standard_normal(m, dtype=np.float32)
+            mean = np.float32(p.set_mean_slope) * gk
+            mean += np.float32(p.set_mean_history_us) * pk
+            mean *= mean_gain[:m]
+            mean += base_mean[:m]
+            gk += mean
+            gk += sigma
+            np.clip(gk, p.g_min_us, p.g_max_us, out=gk)
+        self._g[addr] = g
+        self._pulses[addr] += cnt.astype(np.uint32)
+        self._t_prog[addr] = t
+
+    def apply(self, addresses: IntArray, set_counts: IntArray, reset: npt.NDArray[np.bool_], t: float) -> None:
+        """Apply one program at time t (s): RESET where reset is true, then the SET pulses."""
+        addr = self._addresses(addresses)
+        cnt = _counts(set_counts, addr.size)
+        rst = np.asarray(reset)
+        if rst.shape != addr.shape or rst.dtype != np.bool_:
+            raise PulseCountError(f"reset must be a bool array of shape {addr.shape}, got {rst.dtype} {rst.shape}")
+        self._advance(t)
+        if rst.any():
+            self._reset_checked(addr[rst], t)
+        self._set_checked(addr, cnt, t)
+
+    def force_state(self, addresses: IntArray, g_us: float | FloatArray, pulses_since_reset: int | IntArray, t: float) -> None:
+        """Put devices straight into a state, as if programmed to g_us (uS) at time t (s) after the
+        given number of SET pulses since RESET. For studies and tests; a real chip has no such call."""
+        addr = self._addresses(addresses)
+        g = np.broadcast_to(np.asarray(g_us, np.float32), addr.shape)
+        n = _counts(np.broadcast_to(np.asarray(pulses_since_reset), addr.shape), addr.size)
+        p = self.params
+        if not np.all(np.isfinite(g)) or g.min(initial=p.g_min_us) < p.g_min_us or g.max(initial=p.g_max_us) > p.g_max_us:
+            raise ValueError(f"g_us must lie within [{p.g_min_us}, {p.g_max_us}] uS")
+        self._advance(t)
+        self._g[addr] = g
+        self._pulses[addr] = n.astype(np.uint32)
+        self._t_prog[addr] = t
+
+    # ------------------------------------------------------------------ reading
+    def conductance(self, addresses: IntArray | None, t: float) -> FloatArray:
+        """Noise-free conductance (uS) at time t (s), after drift; does not touch the RNG."""
+        addr = None if addresses is None else self._addresses(addresses)
+        self._advance(t)
+        if addr is not None:
+            return self._drifted(addr, t)
+        out = np.empty(self.n_devices, np.float32)
+        for lo in range(0, self.n_devices, _CHUNK):
+            sl = slice(lo, min(lo + _CHUNK, self.n_devices))
+            self._drift_into(self._g[sl], self._t_prog[sl], self._nu[sl], t, out[sl])
+        return out
+
+    def read(self, addresses: IntArray | None, t: float) -> FloatArray:
+        """Read conductances (uS, float32) at time t (s): drift, then read noise, clipped to bounds.
+
+        addresses=None reads the whole array in address order.
+        """
+        if addresses is None:
+            self._advance(t)
+            out = np.empty(self.n_devices, np.float32)
+            for lo in range(0, self.n_devices, _CHUNK):
+                sl = slice(lo, min(lo + _CHUNK, self.n_devices))
+                self._drift_into(self._g[sl], self._t_prog[sl], self._nu[sl], t, out[sl])
+                self._add_read_noise(out[sl])
+            return out
+        addr = self._addresses(addresses)
+        self._advance(t)
+        out = self._drifted(addr, t)
+        self._add_read_noise(out)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole chip state, RNG included, to path (atomically: a crash leaves the old file)."""
+        path = Path(path)
+        meta = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "now": self._now,
+            "params": self.params.model_dump(),
+            "rng": self._rng.bit_generator.state,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), g=self._g, pulses=self._pulses,
+                         t_prog=self._t_prog, nu=self._nu, d2d=self._d2d)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PCMArray:
+        """Load a chip saved by save(); it continues exactly as the saved one would have."""
+        try:
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("not an npz archive")
+            with z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                arrays = {k: z[k] for k in ("g", "pulses", "t_prog", "nu", "d2d")}
+        except FileNotFoundError:
+            raise StateFileError(f"no chip state file at {path}") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+            raise StateFileError(f"{path} is not a readable pcm-hil chip state: {e}") from e
+        if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+            raise StateFileError(f"{path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+                                 f"expected {STATE_FORMAT!r} version {STATE_VERSION}")
+        expected = {"g": np.float32, "pulses": np.uint32, "t_prog": np.float64, "nu": np.float32, "d2d": np.float32}
+        n = arrays["g"].size
+        for k, dt in expected.items():
+            a = arrays[k]
+            if a.dtype != dt or a.shape != (n,):
+                raise StateFileError(f"{path}: array {k!r} has {a.dtype} {a.shape}, expected {np.dtype(dt)} ({n},)")
+        self = cls.__new__(cls)
+        self.params = PCMParams.model_validate(meta["params"])
+        self.seed = int(meta["seed"])
+        self._rng = np.random.Generator(np.random.PCG64())
+        self._rng.bit_generator.state = meta["rng"]
+        self._now = float(meta["now"])
+        self._g, self._pulses, self._t_prog = arrays["g"], arrays["pulses"], arrays["t_prog"]
+        self._nu, self._d2d = arrays["nu"], arrays["d2d"]
+        return self
+
+    def state_equal(self, other: PCMArray) -> bool:
+        """True when other holds the same state, parameters and RNG position, bit for bit."""
+        return (
+            self.params == other.params
+            and self._now == other._now
+            and self._rng.bit_generator.state == other._rng.bit_generator.state
+            and all(np.array_equal(a, b) for a, b in zip(self._arrays(), other._arrays()))
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return (self._g, self._pulses, self._t_prog, self._nu, self._d2d)
+
+    def _addresses(self, addresses: IntArray) -> npt.NDArray[np.intp]:
+        a = np.asarray(addresses)
+        if a.ndim != 1:
+            raise AddressError(f"addresses must be a 1-D array, got shape {a.shape}")
+        if a.size == 0:
+            return a.astype(np.intp)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise AddressError(f"addresses must be integers, got dtype {a.dtype}")
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= self.n_devices:
+            bad = lo if lo < 0 else hi
+            raise AddressError(f"address {bad} is outside the array (0 .. {self.n_devices - 1})")
+        s = np.sort(a)
+        dup = np.flatnonzero(s[1:] == s[:-1])
+        if dup.size:
+            raise AddressError(f"address {int(s[dup[0]])} appears more than once in one call")
+        return a.astype(np.intp, copy=False)
+
+    def _advance(self, t: float) -> None:
+        _check_time(t)
+        if t < self._now:
+            raise ClockError(f"time runs backward: t={t} s is before the chip's last event at {self._now} s")
+        self._now = float(t)
+
+    def _reset_values(self, n: int) -> FloatArray:
+        p = self.params
+        g = self._rng.standard_normal(n, dtype=np.float32)
+        g *= p.reset_std_us
+        g += p.reset_mean_us
+        return np.clip(g, p.g_min_us, p.g_max_us, out=g)
+
+    def _drifted(self, addr: npt.NDArray[np.intp], t: float) -> FloatArray:
+        out = np.empty(addr.size, np.float32)
+        self._drift_into(self._g[addr], self._t_prog[addr], self._nu[addr], t, out)
+        return out
+
+    def _drift_into(self, g: FloatArray, t_prog: np.ndarray, nu: FloatArray, t: float, out: FloatArray) -> None:
+        # ((t - t_p) / t0)^(-nu) = exp(-nu * log(max(t - t_p, t0) / t0))
+        t0 = self.params.drift_t0_s
+        ratio = np.subtract(t, t_prog)
+        ratio *= 1.0 / t0
+        np.maximum(ratio, 1.0, out=ratio)
+        np.log(ratio, out=out)
+        out *= nu
+        np.negative(out, out=out)
+        np.exp(out, out=out)
+        out *= g
+
+    def _add_read_noise(self, g: FloatArray) -> None:
+        p = self.params
+        noise = self._rng.standard_normal(g.size, dtype=np.float32)
+        noise *= np.float32(p.read_noise_rel) * g + np.float32(p.read_noise_abs_us)
+        g += noise
+        np.clip(g, p.g_min_us, p.g_max_us, out=g)
+
+
+def _check_time(t: float) -> None:
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not math.isfinite(t):
+        raise ClockError(f"time must be a finite number of seconds, got {t!r}")
+
+
+def _counts(counts: IntArray, n: int) -> npt.NDArray[np.int64]:
+    c = np.asarray(counts)
+    if c.shape != (n,):
+        raise PulseCountError(f"need one SET pulse count per address ({n}), got shape {c.shape}")
+    if n == 0:
+        return c.astype(np.int64)
+    if not np.issubdtype(c.dtype, np.integer):
+        raise PulseCountError(f"SET pulse counts must be integers, got dtype {c.dtype}")
+    if c.min() < 0:
+        i = int(np.argmin(c))
+        raise PulseCountError(f"negative SET pulse count {int(c[i])} at position {i}")
+    return c.astype(np.int64, copy=False)
