@@ -1,1 +1,13 @@
-"""Array drivers: one contract; mock, tester (VISA / serial), replay; the emulated tester."""
+"""Array drivers: one contract (ArrayDriver); mock, tester (VISA / serial), dry run; the emulated tester."""
+
+from .base import MVM, ArrayDriver
+from .errors import (AddressError, Disconnected, DriverError, DriverTimeout, InstrumentError, ProgramError,
+                     ProtocolError, SafetyViolation)
+from .dryrun import DryRunDriver
+from .mock import MockDriver, MockTiming
+from .program import Block, Geometry, PulseProgram, PulseShape, PulseShapes, ReadResult
+from .safety import Range, SafetyLimits
+
+__all__ = ["MVM", "AddressError", "ArrayDriver", "Block", "Disconnected", "DriverError", "DriverTimeout",
+           "DryRunDriver", "Geometry", "InstrumentError", "MockDriver", "MockTiming", "ProgramError", "ProtocolError",
+           "PulseProgram", "PulseShape", "PulseShapes", "Range", "ReadResult", "SafetyLimits", "SafetyViolation"]

@@ -1,0 +1,133 @@
+"""The driver contract: what the orchestrator and calibration code may ask of any array.
+
+Vectorized: one call per read or program, never one call per device. Subclasses implement the
+underscored methods; the public ones check input and safety first, so a refused program never
+reaches the transport.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import DriverError
+from .program import Block, Geometry, PulseProgram, ReadResult
+from .safety import SafetyLimits
+
+#: Capability name of a driver that does analog matrix-vector products on a block (mvm / mvm_t).
+MVM = "mvm"
+
+
+class ArrayDriver(ABC):
+    """A PCM array behind some link. Conductances in microsiemens, times in seconds."""
+
+    def __init__(self, geometry: Geometry, limits: SafetyLimits | None = None) -> None:
+        self._geometry = geometry
+        self._limits = limits if limits is not None else SafetyLimits()
+        # Pulses (SET + RESET) this driver knows each device has had: the endurance budget's ledger.
+        self._lifetime_pulses = np.zeros(geometry.n_devices, np.int64)
+        self._closed = False
+
+    # ------------------------------------------------------------------ description
+    @property
+    def geometry(self) -> Geometry:
+        return self._geometry
+
+    @property
+    def limits(self) -> SafetyLimits:
+        return self._limits
+
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """What the instrument says it is (`*IDN?`)."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Optional capabilities this driver declares, e.g. {MVM}."""
+        return frozenset()
+
+    @property
+    def lifetime_pulses(self) -> npt.NDArray[np.int64]:
+        """Pulses (SET + RESET) each device has had as far as this driver knows (read-only view)."""
+        v = self._lifetime_pulses.view()
+        v.flags.writeable = False
+        return v
+
+    # ------------------------------------------------------------------ the contract
+    def read(self, addresses: npt.ArrayLike | None = None) -> ReadResult:
+        """Read conductances (uS, float32) of addresses, or of the whole array in address order."""
+        self._check_open()
+        addr = (np.arange(self._geometry.n_devices, dtype=np.int64) if addresses is None
+                else self._geometry.check_addresses(addresses))
+        return self._read(addr, whole=addresses is None)
+
+    def apply(self, program: PulseProgram) -> None:
+        """Apply one program exactly once; checked against the safety limits before anything is sent."""
+        self._check_open()
+        self._geometry.check_addresses(program.addresses)
+        self._limits.check_program(program, self._geometry, self._lifetime_pulses)
+        self._apply(program)
+        # Addresses are unique (checked above), so a fancy-index add counts each once.
+        self._lifetime_pulses[program.addresses] += program.set_counts + program.reset
+
+    def last_program_id(self) -> int | None:
+        """Id of the last program the array applied (None if none since it was made)."""
+        self._check_open()
+        return self._last_program_id()
+
+    def now(self) -> float:
+        """The driver's clock, seconds."""
+        self._check_open()
+        return self._now()
+
+    def mvm(self, block: Block, x: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+        """Analog forward product on block: y[b, c] = sum_r x[b, r] * G[row0+r, col0+c].
+
+        x in volts (batch, block.rows); y in microamps (batch, block.cols). Only with capability MVM.
+        """
+        raise DriverError(f"{type(self).__name__} has no analog multiply (capability {MVM!r})")
+
+    def mvm_t(self, block: Block, d: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+        """Analog transpose product on block: z[b, r] = sum_c d[b, c] * G[row0+r, col0+c] (V in, uA out)."""
+        raise DriverError(f"{type(self).__name__} has no analog multiply (capability {MVM!r})")
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> ArrayDriver:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DriverError(f"{type(self).__name__} is closed")
+
+    # ------------------------------------------------------------------ for subclasses
+    @abstractmethod
+    def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult: ...
+
+    @abstractmethod
+    def _apply(self, program: PulseProgram) -> None: ...
+
+    @abstractmethod
+    def _last_program_id(self) -> int | None: ...
+
+    @abstractmethod
+    def _now(self) -> float: ...
+
+    def _close(self) -> None:
+        pass

@@ -1,0 +1,115 @@
+"""MockDriver: an in-process array backed by the behavioral PCM model (sim/).
+
+Its clock is simulated: every operation advances it by a configurable duration, so drift acts on
+the chip's own timeline and a run is reproducible whatever the host machine's speed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from sim import PCMArray, PCMParams
+
+from .base import MVM, ArrayDriver
+from .program import Block, Geometry, PulseProgram, ReadResult
+from .safety import SafetyLimits
+
+
+class MockTiming(BaseModel):
+    """How long each operation takes on the simulated clock (s)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    command_overhead_s: float = Field(1e-4, ge=0, description="Fixed cost of any read or program, s.")
+    read_per_device_s: float = Field(1e-7, ge=0, description="Read time per device read, s.")
+    pulse_gap_ns: float = Field(100.0, ge=0, description="Dead time after each pulse, ns.")
+    mvm_s: float = Field(1e-6, ge=0, description="Time of one analog matrix-vector product, s.")
+
+
+class MockDriver(ArrayDriver):
+    """A simulated PCM chip of rows x cols devices behind the driver contract."""
+
+    def __init__(self, rows: int, cols: int, *, params: PCMParams | None = None, seed: int = 0,
+                 limits: SafetyLimits | None = None, timing: MockTiming | None = None,
+                 analog_mvm: bool = False, chip: PCMArray | None = None) -> None:
+        """Make a fresh chip (seeded), or wrap an existing PCMArray of rows*cols devices."""
+        geometry = Geometry(rows, cols)
+        super().__init__(geometry, limits)
+        if chip is not None and chip.n_devices != geometry.n_devices:
+            raise ValueError(f"chip has {chip.n_devices} devices, geometry {rows} x {cols} needs {geometry.n_devices}")
+        self.chip = chip if chip is not None else PCMArray(geometry.n_devices, params, seed=seed)
+        self.timing = timing if timing is not None else MockTiming()
+        self._t = self.chip.now
+        self._last_id: int | None = None
+        self._analog_mvm = analog_mvm
+        self._seed = seed
+
+    @classmethod
+    def from_state(cls, path: str | Path, rows: int, cols: int, **kwargs) -> MockDriver:
+        """Wrap a chip saved with PCMArray.save (its geometry must be rows x cols)."""
+        return cls(rows, cols, chip=PCMArray.load(path), **kwargs)
+
+    @property
+    def identity(self) -> str:
+        g = self.geometry
+        return f"pcm-hil,MockDriver,{g.rows}x{g.cols},seed={self._seed}"
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset({MVM}) if self._analog_mvm else frozenset()
+
+    def advance(self, seconds: float) -> None:
+        """Let simulated time pass (s), e.g. to study drift between operations."""
+        if not seconds >= 0:
+            raise ValueError(f"cannot advance the clock by {seconds} s")
+        self._t += seconds
+
+    def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult:
+        t = self._t
+        g = self.chip.read(None if whole else addresses, t)
+        self._t += self.timing.command_overhead_s + addresses.size * self.timing.read_per_device_s
+        return ReadResult(addresses, g, t)
+
+    def _apply(self, program: PulseProgram) -> None:
+        t = self._t
+        self.chip.apply(program.addresses, program.set_counts, program.reset, t)
+        s = program.shapes
+        gap = self.timing.pulse_gap_ns
+        busy_ns = program.set_pulses * (s.set.width_ns + gap) + program.reset_pulses * (s.reset.width_ns + gap)
+        self._t += self.timing.command_overhead_s + busy_ns * 1e-9
+        self._last_id = program.program_id
+
+    def _last_program_id(self) -> int | None:
+        return self._last_id
+
+    def _now(self) -> float:
+        return self._t
+
+    def _block_conductances(self, block: Block) -> npt.NDArray[np.float32]:
+        g = self.geometry
+        if block.row0 < 0 or block.col0 < 0 or block.row0 + block.rows > g.rows or block.col0 + block.cols > g.cols:
+            raise ValueError(f"{block} does not fit the {g.rows} x {g.cols} array")
+        rows = np.arange(block.row0, block.row0 + block.rows)[:, None]
+        cols = np.arange(block.col0, block.col0 + block.cols)[None, :]
+        addr = (rows * g.cols + cols).ravel()
+        t = self._t
+        self._t += self.timing.command_overhead_s + self.timing.mvm_s
+        # One read-noise draw per device per product, as an analog array would see it.
+        return self.chip.read(addr, t).reshape(block.rows, block.cols)
+
+    def mvm(self, block: Block, x: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+        """Analog forward product (V in, uA out), see ArrayDriver.mvm."""
+        self._check_open()
+        if not self._analog_mvm:
+            return super().mvm(block, x)
+        return np.asarray(x, np.float64) @ self._block_conductances(block).astype(np.float64)
+
+    def mvm_t(self, block: Block, d: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+        """Analog transpose product (V in, uA out), see ArrayDriver.mvm_t."""
+        self._check_open()
+        if not self._analog_mvm:
+            return super().mvm_t(block, d)
+        return np.asarray(d, np.float64) @ self._block_conductances(block).astype(np.float64).T

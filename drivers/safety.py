@@ -1,0 +1,87 @@
+"""Safety limits, checked against every program before the first byte leaves the host."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Self
+
+from .errors import SafetyViolation
+from .program import Geometry, PulseProgram, PulseShape
+
+
+class Range(BaseModel):
+    """Closed interval [min, max]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min > self.max:
+            raise ValueError(f"range min {self.min} exceeds max {self.max}")
+        return self
+
+    def __contains__(self, x: float) -> bool:
+        return self.min <= x <= self.max
+
+
+class SafetyLimits(BaseModel):
+    """What a program may do to the chip. Defaults are conservative for 90 nm doped-GST cells."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    set_amplitude_ua: Range = Field(Range(min=10, max=200), description="Allowed SET pulse amplitude, uA.")
+    set_width_ns: Range = Field(Range(min=10, max=1000), description="Allowed SET pulse width, ns.")
+    reset_amplitude_ua: Range = Field(Range(min=100, max=700), description="Allowed RESET pulse amplitude, uA.")
+    reset_width_ns: Range = Field(Range(min=10, max=1000), description="Allowed RESET pulse width, ns.")
+    max_set_pulses_per_device: int = Field(64, ge=1, description="Most SET pulses one device may get in one program.")
+    max_devices_per_program: int = Field(1 << 20, ge=1, description="Most devices one program may address.")
+    lifetime_pulse_budget: int = Field(10**8, ge=1, description="Most pulses (SET + RESET) a device may get in its life (endurance).")
+    address_min: int = Field(0, ge=0, description="Lowest address programs may touch.")
+    address_max: int | None = Field(None, ge=0, description="Highest address programs may touch; None: the last device of the array.")
+
+    def check_shape(self, name: str, shape: PulseShape, amplitude: Range, width: Range) -> None:
+        if shape.amplitude_ua not in amplitude:
+            raise SafetyViolation(f"{name}_amplitude_ua", f"amplitude {shape.amplitude_ua} uA is outside "
+                                  f"[{amplitude.min}, {amplitude.max}] uA")
+        if shape.width_ns not in width:
+            raise SafetyViolation(f"{name}_width_ns", f"width {shape.width_ns} ns is outside [{width.min}, {width.max}] ns")
+
+    def check_program(self, program: PulseProgram, geometry: Geometry,
+                      lifetime_pulses: npt.NDArray[np.integer] | None = None) -> None:
+        """Raise SafetyViolation naming the limit (and the first offending device) if program breaks one.
+
+        lifetime_pulses: pulses each device has had so far (indexed by address), for the endurance budget.
+        """
+        p = program
+        if p.reset.any():
+            self.check_shape("reset", p.shapes.reset, self.reset_amplitude_ua, self.reset_width_ns)
+        if p.set_counts.any():
+            self.check_shape("set", p.shapes.set, self.set_amplitude_ua, self.set_width_ns)
+        if p.n_devices > self.max_devices_per_program:
+            raise SafetyViolation("max_devices_per_program",
+                                  f"{p.n_devices} devices addressed, at most {self.max_devices_per_program} allowed")
+        if p.n_devices == 0:
+            return
+        hi = geometry.n_devices - 1 if self.address_max is None else min(self.address_max, geometry.n_devices - 1)
+        bad = np.flatnonzero((p.addresses < self.address_min) | (p.addresses > hi))
+        if bad.size:
+            raise SafetyViolation("address range", f"address outside the allowed range {self.address_min} .. {hi}",
+                                  int(p.addresses[bad[0]]))
+        over = np.flatnonzero(p.set_counts > self.max_set_pulses_per_device)
+        if over.size:
+            i = over[0]
+            raise SafetyViolation("max_set_pulses_per_device",
+                                  f"{int(p.set_counts[i])} SET pulses, at most {self.max_set_pulses_per_device} allowed",
+                                  int(p.addresses[i]))
+        if lifetime_pulses is not None:
+            after = lifetime_pulses[p.addresses] + p.set_counts + p.reset
+            spent = np.flatnonzero(after > self.lifetime_pulse_budget)
+            if spent.size:
+                i = spent[0]
+                raise SafetyViolation("lifetime_pulse_budget",
+                                      f"the program would bring the device to {int(after[i])} pulses, "
+                                      f"budget {self.lifetime_pulse_budget}", int(p.addresses[i]))
