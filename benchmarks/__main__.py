@@ -1,9 +1,11 @@
 """Dispatch `python -m benchmarks NAME [args]` to benchmarks/NAME.py's main(argv)."""
 
 import importlib
+import pkgutil
 import sys
+from pathlib import Path
 
-NAMES = ("model",)
+NAMES = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
 
 
 def main() -> None:

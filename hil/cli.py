@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import cli_calibration, cli_emulator, cli_train
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train neural networks on phase-change-memory chips.")
 console = Console()
 
@@ -38,6 +40,11 @@ def pulse_response_cmd(
     for n, m, s in zip(r.pulses, r.mean_us, r.std_us):
         table.add_row(str(n), f"{m:.3f}", f"{s:.3f}")
     console.print(table)
+
+
+# Each family of sub-commands lives in its own module with register(app); add new ones here.
+for _module in (cli_emulator, cli_train, cli_calibration):
+    _module.register(app)
 
 
 def main() -> None:
