@@ -310,3 +310,4 @@ def test_apply_resets_then_sets() -> None:
 def test_state_is_at_most_24_bytes_per_device() -> None:
     chip = PCMArray(1000, seed=0)
     assert chip.nbytes == 24 * 1000
+
