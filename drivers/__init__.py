@@ -7,7 +7,13 @@ from .dryrun import DryRunDriver
 from .mock import MockDriver, MockTiming
 from .program import Block, Geometry, PulseProgram, PulseShape, PulseShapes, ReadResult
 from .safety import Range, SafetyLimits
+from .server import Emulator, Endpoint, FaultPlan, Server, serve
+from .tester import LinkStats, TesterDriver
+from .transport import SerialTransport, Transport, VisaTransport
+from .runlog import SCHEMA_VERSION, RunLogError, RunLogReader, RunLogWriter
+from .logged import LoggedDriver
 
 __all__ = ["MVM", "AddressError", "ArrayDriver", "Block", "Disconnected", "DriverError", "DriverTimeout",
-           "DryRunDriver", "Geometry", "InstrumentError", "MockDriver", "MockTiming", "ProgramError", "ProtocolError",
-           "PulseProgram", "PulseShape", "PulseShapes", "Range", "ReadResult", "SafetyLimits", "SafetyViolation"]
+           "DryRunDriver", "Geometry", "LoggedDriver", "InstrumentError", "MockDriver", "MockTiming", "ProgramError", "ProtocolError",
+           "PulseProgram", "PulseShape", "PulseShapes", "Range", "ReadResult", "RunLogError", "RunLogReader",
+           "RunLogWriter", "SCHEMA_VERSION", "SafetyLimits", "SafetyViolation"]

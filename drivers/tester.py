@@ -1,0 +1,281 @@
+"""TesterDriver: the driver contract spoken over the wire protocol (drivers/protocol.py).
+
+One round trip per read and per program, whatever their size. Reads and status queries are
+retried after a link failure (reconnect, then SYNC? to skip any stale reply). A program is
+applied exactly once: if the link fails while it is in flight, the driver reconnects, syncs,
+asks PROG:LAST? (twice, the answers must agree) and re-sends only if the tester did not apply it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import protocol as P
+from .base import ArrayDriver
+from .errors import Disconnected, DriverError, DriverTimeout, InstrumentError, ProtocolError
+from .program import Geometry, PulseProgram, ReadResult
+from .safety import SafetyLimits
+from .transport import SerialTransport, Transport, VisaTransport, is_serial_url
+
+_LINK_ERRORS = (DriverTimeout, Disconnected, ProtocolError)
+
+
+@dataclass
+class LinkStats:
+    """What the link has done so far (for benchmarks and tests)."""
+
+    round_trips: int = 0
+    reconnects: int = 0
+    resends: int = 0
+    retried_queries: int = 0
+
+
+class TesterDriver(ArrayDriver):
+    """An array tester behind a Transport. Geometry, limits and identity come from the tester.
+
+    limits: host-side SafetyLimits (default: the tester's own, from LIM?). retries: link failures
+    tolerated per operation. sync_timeout_s: how long recovery waits for stale replies to end
+    (default 4x the transport timeout). seed_lifetime: fill the endurance ledger from LIFE:ALL?.
+    """
+
+    def __init__(self, transport: Transport, *, limits: SafetyLimits | None = None, retries: int = 5,
+                 sync_timeout_s: float | None = None, seed_lifetime: bool = True) -> None:
+        self._transport = transport
+        self._retries = int(retries)
+        self._sync_timeout_s = sync_timeout_s
+        self.stats = LinkStats()
+        try:
+            self._identity = self._query_text("*IDN?")
+            geometry = self._parse_geometry(self._query_text("GEOM?"))
+            tester_limits = self._parse_limits(self._query_text("LIM?"))
+        except BaseException:
+            transport.close()
+            raise
+        super().__init__(geometry, limits if limits is not None else tester_limits)
+        self.tester_limits = tester_limits
+        if seed_lifetime:
+            counts = P.decode_counts(self._query_block("LIFE:ALL?"))
+            if counts.size != geometry.n_devices:
+                raise ProtocolError(f"LIFE:ALL? gave {counts.size} counts for {geometry.n_devices} devices")
+            self._lifetime_pulses[:] = counts
+
+    @classmethod
+    def open(cls, resource: str, *, timeout_s: float = 5.0, backend: str = "@py", baudrate: int = 115200,
+             parity: str = "N", limits: SafetyLimits | None = None, retries: int = 5,
+             **transport_kwargs: Any) -> TesterDriver:
+        """Connect to a tester by VISA resource string ('TCPIP::127.0.0.1::5025::SOCKET', 'GPIB0::5::INSTR')
+        or serial URL ('socket://127.0.0.1:5025', '/dev/ttyUSB0', a pty path, 'COM3', 'loop://').
+
+        timeout_s: per-reply timeout in seconds. backend: pyvisa backend ('@py' = pyvisa-py).
+        baudrate, parity: serial settings (serial URLs only).
+        """
+        t: Transport
+        if is_serial_url(resource):
+            t = SerialTransport(resource, baudrate=baudrate, parity=parity, timeout_s=timeout_s, **transport_kwargs)
+        else:
+            t = VisaTransport(resource, backend=backend, timeout_s=timeout_s, **transport_kwargs)
+        return cls(t, limits=limits, retries=retries)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    # ------------------------------------------------------------------ the contract
+    def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult:
+        if whole:
+            payload = self._query_block("READ:ALL?")
+        else:
+            payload = self._query_block("READ?", block=P.encode_addresses(addresses))
+        t_s, g = P.decode_read_reply(payload)
+        if g.size != addresses.size:
+            raise ProtocolError(f"read of {addresses.size} devices answered {g.size} conductances")
+        return ReadResult(addresses, g, t_s)
+
+    def _apply(self, program: PulseProgram) -> None:
+        message = P.encode_message("PROG:APPL?", block=P.encode_program(program))
+        pid = program.program_id
+        last_error: Exception | None = None
+        for attempt in range(self._retries + 1):
+            if attempt:
+                self.stats.resends += 1
+            try:
+                reply = self._round_trip_text(message, "PROG:APPL?")
+            except InstrumentError as e:
+                if e.code == P.ErrorCode.BLOCK_DATA_ERROR and "CRC" in e.message:
+                    last_error = e  # corrupted on the way in: refused, so sending it again is safe
+                    continue
+                if e.code == P.ErrorCode.ALREADY_APPLIED and attempt:
+                    return  # our own earlier send landed, the PROG:LAST? answers notwithstanding
+                raise
+            except _LINK_ERRORS as e:
+                last_error = e
+                if self._applied_after_recovery(pid):
+                    return
+                continue
+            if reply.strip() == str(pid):
+                return
+            last_error = ProtocolError(f"PROG:APPL? answered {reply[:40]!r}, expected {pid}")
+            if self._applied_after_recovery(pid):
+                return
+        raise Disconnected(f"program {pid} not confirmed after {self._retries + 1} attempts; it was not applied "
+                           f"twice, ask last_program_id() whether it landed (last error: {last_error})")
+
+    def _applied_after_recovery(self, pid: int) -> bool:
+        """Reconnect, sync, and ask the tester whether program pid is the last it applied."""
+        for _ in range(self._retries + 1):
+            try:
+                self._recover()
+                first = self._round_trip_text(P.encode_message("PROG:LAST?"), "PROG:LAST?")
+                second = self._round_trip_text(P.encode_message("PROG:LAST?"), "PROG:LAST?")
+            except (*_LINK_ERRORS, InstrumentError):
+                continue
+            if first == second and first.strip().isdigit():
+                return int(first) == pid
+        raise Disconnected(f"cannot learn from the tester whether program {pid} was applied")
+
+    def _last_program_id(self) -> int | None:
+        text = self._query_text("PROG:LAST?")
+        if not text.isdigit():
+            raise ProtocolError(f"PROG:LAST? answered {text[:40]!r}, expected an integer")
+        return int(text) or None
+
+    def _now(self) -> float:
+        text = self._query_text("TIME?")
+        try:
+            return float(text)
+        except ValueError:
+            raise ProtocolError(f"TIME? answered {text[:40]!r}, expected seconds") from None
+
+    def tester_lifetime_pulses(self, addresses: npt.ArrayLike | None = None) -> npt.NDArray[np.int64]:
+        """Pulses (SET + RESET) the tester counted per device of addresses (all devices if None)."""
+        self._check_open()
+        if addresses is None:
+            return P.decode_counts(self._query_block("LIFE:ALL?"))
+        a = self.geometry.check_addresses(addresses, unique=False)
+        counts = P.decode_counts(self._query_block("LIFE?", block=P.encode_addresses(a)))
+        if counts.size != a.size:
+            raise ProtocolError(f"LIFE? of {a.size} devices answered {counts.size} counts")
+        return counts
+
+    def read_voltage(self) -> float:
+        """The tester's read voltage, volts."""
+        self._check_open()
+        return float(self._query_text("READ:VOLT?"))
+
+    def set_read_voltage(self, volts: float) -> None:
+        """Set the tester's read voltage (V); raises InstrumentError if the tester refuses it."""
+        self._check_open()
+        self._command(f"READ:VOLT {float(volts)!r}")
+
+    def errors(self) -> list[tuple[int, str]]:
+        """Drain the tester's error queue (SYST:ERR?) up to 0,"No error"."""
+        self._check_open()
+        out = []
+        for _ in range(64):
+            code, msg = P.parse_error(self._query_text("SYST:ERR?"))
+            if code == 0:
+                break
+            out.append((code, msg))
+        return out
+
+    def _close(self) -> None:
+        self._transport.close()
+
+    # ------------------------------------------------------------------ messages
+    def _command(self, text: str) -> None:
+        """Send a command that has no reply, then check the error queue (one extra round trip)."""
+        header, _, arg = text.partition(" ")
+        self._transport.write(P.encode_message(header, text=arg or None))
+        code, msg = P.parse_error(self._query_text("SYST:ERR?"))
+        if code != 0:
+            raise InstrumentError(code, msg, header)
+
+    def _query_text(self, header: str, text: str | None = None) -> str:
+        msg = P.encode_message(header, text=text)
+        return self._retrying(lambda: self._round_trip_text(msg, header))
+
+    def _query_block(self, header: str, block: bytes | None = None) -> bytes:
+        msg = P.encode_message(header, block=block)
+        return self._retrying(lambda: self._round_trip_block(msg, header))
+
+    def _retrying(self, once):  # type: ignore[no-untyped-def]
+        """Run an idempotent round trip, recovering the link after each failure."""
+        for attempt in range(self._retries + 1):
+            try:
+                return once()
+            except _LINK_ERRORS:
+                if attempt == self._retries:
+                    raise
+                self.stats.retried_queries += 1
+                try:
+                    self._recover()
+                except DriverError:
+                    continue
+        raise AssertionError("unreachable")
+
+    def _round_trip_text(self, message: bytes, header: str) -> str:
+        self.stats.round_trips += 1
+        self._transport.write(message)
+        line = self._transport.read_line()
+        if line.startswith(b"!"):
+            P.raise_error_reply(line, header)
+        try:
+            return line.decode("ascii").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"non-ASCII reply to {header}: {line[:40]!r}") from None
+
+    def _round_trip_block(self, message: bytes, header: str) -> bytes:
+        self.stats.round_trips += 1
+        t = self._transport
+        t.write(message)
+        head = t.read_exact(2)
+        if head[:1] == b"!":
+            P.raise_error_reply(head + t.read_line(), header)
+        if head[:1] != b"#":
+            raise ProtocolError(f"reply to {header} is neither a block nor an error: {head!r}")
+        d = P.block_digits(head[1:2])
+        length = P.block_length(t.read_exact(d), d)
+        payload = t.read_exact(length + 1)
+        if payload[-1:] != b"\n":
+            raise ProtocolError(f"block reply to {header} is not followed by a newline")
+        return payload[:-1]
+
+    def _recover(self) -> None:
+        """Reconnect, then read until the echo of a fresh SYNC? token: whatever came before is stale."""
+        self.stats.reconnects += 1
+        t = self._transport
+        t.reconnect()
+        token = secrets.token_hex(8)
+        wait = self._sync_timeout_s if self._sync_timeout_s is not None else 4 * t.timeout_s
+        with t.timeout(wait):
+            t.write(P.encode_message("SYNC?", text=token))
+            for _ in range(10_000):
+                if t.read_line().rstrip(b"\r\n").endswith(token.encode()):
+                    return
+        raise ProtocolError("SYNC? echo not found among the stale replies")
+
+    # ------------------------------------------------------------------ parsing
+    @staticmethod
+    def _parse_geometry(text: str) -> Geometry:
+        try:
+            rows, cols = (int(x) for x in text.split(","))
+            return Geometry(rows, cols)
+        except ValueError:
+            raise ProtocolError(f"GEOM? answered {text[:40]!r}, expected rows,cols") from None
+
+    @staticmethod
+    def _parse_limits(text: str) -> SafetyLimits:
+        try:
+            return SafetyLimits.model_validate_json(text)
+        except ValueError as e:
+            raise ProtocolError(f"LIM? answered limits that do not validate: {e}") from None

@@ -1,0 +1,246 @@
+"""Byte links to a tester: VISA (pyvisa, any resource string) and serial (pyserial serial_for_url).
+
+A transport moves bytes and nothing else: write a message, read one line, read exactly n bytes,
+reconnect. Every failure comes out as a driver error: DriverTimeout when the instrument did not
+answer in time, Disconnected when the link is closed or broke.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .errors import Disconnected, DriverTimeout
+
+#: Longest line a transport reads before it calls the reply malformed (bytes).
+MAX_LINE = 1 << 16
+
+
+class Transport(ABC):
+    """A reconnectable byte link with a timeout (seconds)."""
+
+    timeout_s: float
+    description: str
+
+    @abstractmethod
+    def write(self, data: bytes) -> None:
+        """Send data as is (the caller adds the newline)."""
+
+    @abstractmethod
+    def read_line(self) -> bytes:
+        """One reply line, newline included; DriverTimeout if it does not complete in time."""
+
+    @abstractmethod
+    def read_exact(self, n: int) -> bytes:
+        """Exactly n bytes, newlines or not (binary block data)."""
+
+    @abstractmethod
+    def reconnect(self) -> None:
+        """Close and reopen the link, dropping anything buffered."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @contextmanager
+    def timeout(self, seconds: float) -> Iterator[None]:
+        """Use another timeout (s) inside the block."""
+        old = self.timeout_s
+        self.set_timeout(seconds)
+        try:
+            yield
+        finally:
+            self.set_timeout(old)
+
+    def set_timeout(self, seconds: float) -> None:
+        self.timeout_s = float(seconds)
+
+
+# ---------------------------------------------------------------------------- VISA
+class VisaTransport(Transport):
+    """pyvisa resource (TCPIP::host::port::SOCKET, GPIB0::5::INSTR, USB..., ASRL...).
+
+    backend: '@py' for pyvisa-py (default), '' or '@ivi' for NI-VISA / Keysight where installed.
+    resource_kwargs go to open_resource (e.g. baud_rate for ASRL resources).
+    """
+
+    def __init__(self, resource: str, *, backend: str = "@py", timeout_s: float = 5.0,
+                 **resource_kwargs: Any) -> None:
+        import pyvisa
+
+        self._pyvisa = pyvisa
+        self.resource = resource
+        self.backend = backend
+        self.timeout_s = float(timeout_s)
+        self._kwargs = resource_kwargs
+        self.description = f"VISA {resource} ({backend or 'default backend'})"
+        try:
+            self._rm = pyvisa.ResourceManager(backend)
+        except (OSError, ValueError, pyvisa.errors.Error) as e:
+            raise Disconnected(f"cannot load VISA backend {backend!r}: {e}") from e
+        self._inst: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        pv = self._pyvisa
+        try:
+            inst = self._rm.open_resource(self.resource, read_termination="\n", write_termination="",
+                                          timeout=self._ms(self.timeout_s), **self._kwargs)
+        except (pv.errors.Error, OSError, ValueError) as e:
+            raise Disconnected(f"cannot open {self.resource}: {e}") from e
+        self._inst = inst
+
+    @staticmethod
+    def _ms(seconds: float) -> int:
+        return max(1, int(round(seconds * 1000)))
+
+    def set_timeout(self, seconds: float) -> None:
+        super().set_timeout(seconds)
+        if self._inst is not None:
+            self._inst.timeout = self._ms(seconds)
+
+    @contextmanager
+    def _mapped(self, what: str) -> Iterator[None]:
+        pv = self._pyvisa
+        if self._inst is None:
+            raise Disconnected(f"{self.description} is closed")
+        try:
+            yield
+        except pv.errors.VisaIOError as e:
+            if e.error_code == pv.constants.StatusCode.error_timeout:
+                raise DriverTimeout(f"{what}: no answer from {self.resource} within {self.timeout_s} s") from e
+            raise Disconnected(f"{what} on {self.resource}: {e}") from e
+        except (pv.errors.Error, OSError) as e:
+            raise Disconnected(f"{what} on {self.resource}: {e}") from e
+
+    def write(self, data: bytes) -> None:
+        with self._mapped("write"):
+            self._inst.write_raw(data)
+
+    def read_line(self) -> bytes:
+        with self._mapped("read"):
+            line = self._inst.read_raw()
+        if not line.endswith(b"\n"):
+            raise DriverTimeout(f"read: {self.resource} sent {len(line)} bytes without a newline")
+        return line
+
+    def read_exact(self, n: int) -> bytes:
+        # Termination off for the block: pyvisa-py would otherwise stop at every newline byte inside it.
+        inst = self._inst
+        with self._mapped("read block"):
+            inst.read_termination = None
+            try:
+                data = inst.read_bytes(n, chunk_size=max(n, 1))
+            finally:
+                inst.read_termination = "\n"
+        if len(data) != n:
+            raise DriverTimeout(f"read block: {len(data)} of {n} bytes from {self.resource}")
+        return data
+
+    def reconnect(self) -> None:
+        self._close_inst()
+        self._open()
+
+    def _close_inst(self) -> None:
+        inst, self._inst = self._inst, None
+        if inst is not None:
+            try:
+                inst.close()
+            except Exception:  # a broken session may fail to close; it is dropped either way
+                pass
+
+    def close(self) -> None:
+        self._close_inst()
+        try:
+            self._rm.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------- serial
+class SerialTransport(Transport):
+    """pyserial serial_for_url: '/dev/ttyUSB0', 'COM3', a pty path, 'socket://host:port', 'loop://'.
+
+    baudrate, parity ('N', 'E', 'O', 'M', 'S'), bytesize, stopbits as pyserial takes them.
+    """
+
+    def __init__(self, url: str, *, baudrate: int = 115200, parity: str = "N", bytesize: int = 8,
+                 stopbits: float = 1, timeout_s: float = 5.0, write_timeout_s: float | None = None) -> None:
+        import serial
+
+        self._serial_mod = serial
+        self.url = url
+        self.timeout_s = float(timeout_s)
+        self._settings = dict(baudrate=baudrate, parity=parity, bytesize=bytesize, stopbits=stopbits)
+        self._write_timeout_s = write_timeout_s
+        self.description = f"serial {url}"
+        self._port: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        s = self._serial_mod
+        wt = self._write_timeout_s if self._write_timeout_s is not None else self.timeout_s
+        try:
+            self._port = s.serial_for_url(self.url, timeout=self.timeout_s, write_timeout=wt, **self._settings)
+        except (s.SerialException, OSError, ValueError) as e:
+            raise Disconnected(f"cannot open {self.url}: {e}") from e
+
+    def set_timeout(self, seconds: float) -> None:
+        super().set_timeout(seconds)
+        if self._port is not None:
+            self._port.timeout = seconds
+
+    @contextmanager
+    def _mapped(self, what: str) -> Iterator[None]:
+        s = self._serial_mod
+        if self._port is None:
+            raise Disconnected(f"{self.description} is closed")
+        try:
+            yield
+        except s.SerialTimeoutException as e:
+            raise DriverTimeout(f"{what}: {self.url} did not accept data within the write timeout") from e
+        except (s.SerialException, OSError) as e:
+            raise Disconnected(f"{what} on {self.url}: {e}") from e
+
+    def write(self, data: bytes) -> None:
+        with self._mapped("write"):
+            self._port.write(data)
+            self._port.flush()
+
+    def read_line(self) -> bytes:
+        with self._mapped("read"):
+            line = self._port.read_until(b"\n", MAX_LINE)
+        if not line.endswith(b"\n"):
+            raise DriverTimeout(f"read: no complete line from {self.url} within {self.timeout_s} s "
+                                f"({len(line)} bytes)")
+        return line
+
+    def read_exact(self, n: int) -> bytes:
+        with self._mapped("read block"):
+            data = self._port.read(n)
+        if len(data) != n:
+            raise DriverTimeout(f"read block: {len(data)} of {n} bytes from {self.url} within {self.timeout_s} s")
+        return data
+
+    def reconnect(self) -> None:
+        self._close_port()
+        self._open()
+        with self._mapped("flush"):
+            self._port.reset_input_buffer()
+
+    def _close_port(self) -> None:
+        port, self._port = self._port, None
+        if port is not None:
+            try:
+                port.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._close_port()
+
+
+def is_serial_url(resource: str) -> bool:
+    """True for what SerialTransport opens (pyserial URLs, device paths, COM ports); else VISA."""
+    r = resource.strip()
+    return ("://" in r) or r.startswith("/dev/") or (r.upper().startswith("COM") and r[3:].isdigit())
