@@ -1,9 +1,147 @@
-"""`pcm-hil train`: mixed-precision training on the array."""
+"""`pcm-hil train`: mixed-precision training on the array (docs/training.md)."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+def driver_overrides(driver: str) -> dict[str, Any]:
+    """--driver VALUE as config keys: 'mock', a serial URL / device path, or a VISA resource."""
+    from drivers.transport import is_serial_url
+
+    if driver == "mock":
+        return {"driver.kind": "mock"}
+    return {"driver.kind": "serial" if is_serial_url(driver) else "visa", "driver.resource": driver}
+
+
+class _Bar:
+    """A rich progress bar fed by the trainer: samples/s and running accuracy of the epoch."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("training", total=total, rate="", acc="")
+        self.t0 = time.perf_counter()
+        self.first: int | None = None
+
+    def __call__(self, trainer: Any) -> None:
+        at = trainer.at
+        n = len(trainer.data.y_train)
+        done = at.epoch * n + at.pos
+        if self.first is None:
+            self.first = at.samples_trained
+            self.t0 = time.perf_counter()
+        dt = time.perf_counter() - self.t0
+        rate = (at.samples_trained - self.first) / dt if dt > 0 else 0.0
+        acc = at.correct / at.seen if at.seen else float("nan")
+        self.progress.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s",
+                             acc=f"running acc {acc:.3f}" if at.seen else "",
+                             description=f"epoch {min(at.epoch + 1, trainer.cfg.update.epochs)}")
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title=f"pcm-hil train: {run_dir}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 1000 else f"{v:,.0f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    for k in ("test_accuracy", "baseline_test_accuracy", "epochs", "samples_trained", "train_seconds",
+              "us_per_sample", "reads_logged", "programs_applied", "set_pulses", "reset_pulses", "refreshes"):
+        table.add_row(k, fmt(summary.get(k)))
+    console.print(table)
+    console.print(f"run log: {run_dir / 'run.h5'}   summary: {run_dir / 'summary.json'}")
+
+
+def train_cmd(
+    config: Annotated[Optional[Path], typer.Option(help="Run config (TOML); defaults: the paper's MLP on MNIST, mock chip.")] = None,
+    driver: Annotated[Optional[str], typer.Option(help="'mock', a VISA resource (TCPIP::host::port::SOCKET, GPIB0::5::INSTR) or a serial URL.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (overrides the config).")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also train the float64 software network (same init and data order).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="RUN_DIR to create (must not exist); default runs/train-<UTC time>.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this RUN_DIR from its checkpoint.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data set: mnist or digits (overrides the config).")] = None,
+    train_limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N training samples.")] = None,
+    test_limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N test samples.")] = None,
+) -> None:
+    """Train the network on the array with the mixed-precision scheme; every read and program is logged."""
+    from drivers import DriverError
+    from drivers.runlog import RunLogError
+
+    from .config import ConfigError, RunConfig, load_config
+    from .data import DataError
+    from .journal import JournalError
+    from .mapping import MappingError
+    from .run import RunDirError, resume_run, start_run
+    from .trainer import CheckpointError
+
+    try:
+        if resume is not None:
+            if out is not None and out != resume:
+                raise RunDirError("--out and --resume name different directories; a resume continues RUN_DIR in place")
+            given = None
+            if config is not None:
+                given = load_config(config)
+            if epochs is not None or data is not None or train_limit or test_limit:
+                raise ConfigError("a resume uses the run's own config.toml; --epochs/--data/--*-limit are refused")
+            run_dir = resume
+            cfg_total = load_config(resume / "config.toml")
+            runner = lambda bar: resume_run(resume, config=given, driver=driver if driver != "mock" else None,  # noqa: E731
+                                            baseline=baseline, progress=bar)
+        else:
+            cfg = load_config(config) if config is not None else RunConfig()
+            over: dict[str, Any] = {}
+            if driver is not None:
+                over.update(driver_overrides(driver))
+            if epochs is not None:
+                over["update.epochs"] = epochs
+            if data is not None:
+                over["data.name"] = data
+            if train_limit is not None:
+                over["data.train_limit"] = train_limit
+            if test_limit is not None:
+                over["data.test_limit"] = test_limit
+            if over:
+                cfg = cfg.with_overrides(**over)
+            cfg_total = cfg
+            run_dir = out or Path("runs") / f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+            runner = lambda bar: start_run(cfg, run_dir, baseline=baseline, progress=bar)  # noqa: E731
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                      TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=console, transient=False) as p:
+            total = _total_samples(cfg_total)
+            summary = runner(_Bar(p, total))
+    except (ConfigError, RunDirError, CheckpointError, DataError, MappingError, DriverError, RunLogError,
+            JournalError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _print_summary(summary, run_dir)
+
+
+def _total_samples(cfg: Any) -> int | None:
+    """Samples of the whole run, for the progress bar (None where the data set is not loaded yet)."""
+    from .data import load_digits
+
+    n = {"digits": lambda: len(load_digits(cfg.seed).y_train), "mnist": lambda: 60_000}[cfg.data.name]()
+    if cfg.data.train_limit:
+        n = min(n, cfg.data.train_limit)
+    return n * cfg.update.epochs
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's sub-commands to the pcm-hil app."""
+    app.command("train")(train_cmd)

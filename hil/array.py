@@ -1,0 +1,253 @@
+"""Weights on the array: the host copy of conductances, chi accumulators, update and refresh programs.
+
+All of a step's update pulses go out as one PulseProgram; program ids increase strictly across the
+run. Conductances in microsiemens; weights W = beta * (G+ - G-) in weight units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from drivers import ArrayDriver, Block, PulseProgram, PulseShapes, ReadResult
+
+from .config import ReadPolicyConfig, RefreshConfig
+from .mapping import Mapping
+from .network import Factors, WeightSource, accumulate
+
+#: Kinds of programs, as the journal names them.
+UPDATE, REFRESH, INIT = "update", "refresh", "init"
+
+
+@dataclass
+class Counters:
+    """What the run did to and read from the chip."""
+
+    programs_applied: int = 0
+    set_pulses: int = 0
+    reset_pulses: int = 0
+    refreshes: int = 0
+    read_calls: int = 0
+    devices_read: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def open_loop_counts(dg_us: np.ndarray, mean_response_us: np.ndarray, cap: int) -> np.ndarray:
+    """SET pulses from RESET whose mean response lands nearest dg_us above the RESET level (uS), at most cap."""
+    gain = mean_response_us[:cap + 1] - mean_response_us[0]
+    # gain rises with the pulse count: the nearest level is one of the two around the insertion point
+    k = np.clip(np.searchsorted(gain, dg_us), 1, gain.size - 1)
+    lower_nearer = np.abs(dg_us - gain[k - 1]) <= np.abs(gain[k] - dg_us)
+    return np.where(lower_nearer, k - 1, k).astype(np.int64)
+
+
+@dataclass
+class ProgramRecord:
+    """A program about to be sent, with its kind (update / refresh / init)."""
+
+    kind: str
+    program: PulseProgram
+
+
+class ArrayWeights:
+    """The network's weights on one array: host copy, chi, update and refresh programs.
+
+    driver is the (possibly logged) driver; reading(reason) names the reason of reads for the log.
+    on_program is called with each ProgramRecord right before it is sent (the journal hooks in here).
+    """
+
+    def __init__(self, driver: ArrayDriver, mapping: Mapping, eps: list[float], lr: float, max_pulses: int,
+                 shapes: PulseShapes, mean_response_us: np.ndarray, read_policy: ReadPolicyConfig,
+                 refresh: RefreshConfig, reading: Callable[[str], contextlib.AbstractContextManager] | None = None,
+                 on_program: Callable[[ProgramRecord], None] | None = None, first_program_id: int = 1) -> None:
+        self.driver = driver
+        self.mapping = mapping
+        self.eps = [float(e) for e in eps]
+        self.lr = float(lr)
+        self.max_pulses = min(int(max_pulses), driver.limits.max_set_pulses_per_device)
+        self.shapes = shapes
+        self.mean_response_us = mean_response_us
+        self.read_policy = read_policy
+        self.refresh_cfg = refresh
+        self._reading = reading
+        self.on_program = on_program
+        self.next_program_id = int(first_program_id)
+        self.g = np.zeros(mapping.geometry.n_devices, np.float64)
+        self.w = [np.zeros(lm.shape) for lm in mapping.layers]
+        self.chi = [np.zeros(lm.shape) for lm in mapping.layers]
+        # Net SET pulses of update programs per weight (G+ minus G-): chi's ledger, checked by the tests.
+        self.net_pulses = [np.zeros(lm.shape, np.int64) for lm in mapping.layers]
+        self.counters = Counters()
+        self.step = 0
+
+    # ------------------------------------------------------------------ reads
+    def _reason(self, reason: str) -> contextlib.AbstractContextManager:
+        return self._reading(reason) if self._reading is not None else contextlib.nullcontext()
+
+    def read(self, addresses: np.ndarray | None, reason: str) -> ReadResult:
+        """Read addresses (None: every mapped device) and bring the host copy and weights up to date."""
+        addr = self.mapping.addresses if addresses is None else addresses
+        with self._reason(reason):
+            r = self.driver.read(addr)
+        self.counters.read_calls += 1
+        self.counters.devices_read += int(r.addresses.size)
+        self.g[r.addresses] = r.conductances_us
+        if addresses is None:
+            for lm, w in zip(self.mapping.layers, self.w):
+                np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)
+                w *= lm.beta
+        else:
+            self._refresh_weights(r.addresses)
+        return r
+
+    def _refresh_weights(self, addresses: np.ndarray) -> None:
+        m = self.mapping
+        layer = m.layer_of[addresses]
+        for lm, w in zip(m.layers, self.w):
+            widx = m.weight_of[addresses[layer == lm.index]]
+            if widx.size:
+                w.flat[widx] = lm.beta * (self.g[lm.plus.flat[widx]] - self.g[lm.minus.flat[widx]])
+
+    # ------------------------------------------------------------------ programs
+    def _new_program(self, addresses: np.ndarray, counts: np.ndarray, reset: np.ndarray) -> PulseProgram:
+        p = PulseProgram(self.next_program_id, addresses, counts, reset, self.shapes)
+        self.next_program_id += 1
+        return p
+
+    def send(self, rec: ProgramRecord, read_reason: str | None = "after-program") -> None:
+        """Journal (on_program), apply, account, and read back the programmed devices per the read policy."""
+        if self.on_program is not None:
+            self.on_program(rec)
+        self.driver.apply(rec.program)
+        self.account(rec)
+        if read_reason is not None and self.read_policy.after_program:
+            self.read(rec.program.addresses, read_reason)
+
+    def account(self, rec: ProgramRecord) -> None:
+        """Book an applied program: counters, and for an update program chi -= sign * n * eps."""
+        p = rec.program
+        self.counters.programs_applied += 1
+        self.counters.set_pulses += p.set_pulses
+        self.counters.reset_pulses += p.reset_pulses
+        if rec.kind == UPDATE:
+            self.settle(p)
+
+    def settle(self, program: PulseProgram) -> None:
+        """chi -= sign * n * eps for each weight an update program pulsed (G+: sign +1, G-: sign -1)."""
+        m = self.mapping
+        layer = m.layer_of[program.addresses]
+        for lm, chi, net, eps in zip(m.layers, self.chi, self.net_pulses, self.eps):
+            sel = layer == lm.index
+            if not sel.any():
+                continue
+            widx = m.weight_of[program.addresses[sel]]
+            signed = m.sign_of[program.addresses[sel]].astype(np.int64) * program.set_counts[sel]
+            chi.flat[widx] -= signed * eps
+            net.flat[widx] += signed
+
+    def accumulate(self, factors: Factors) -> list[np.ndarray]:
+        """chi += -lr * A^T D per layer; returns the rows each layer touched."""
+        return [accumulate(chi, a, d, self.lr) for chi, (a, d) in zip(self.chi, factors)]
+
+    def plan_update(self, touched_rows: list[np.ndarray]) -> PulseProgram | None:
+        """The step's one program: n = min(floor(|chi| / eps), cap) SET pulses to G+ (chi > 0) or G- (chi < 0)."""
+        addr_parts, count_parts = [], []
+        for lm, chi, eps, rows in zip(self.mapping.layers, self.chi, self.eps, touched_rows):
+            if rows.size == 0:
+                continue
+            sub = chi[rows]
+            n = np.floor(np.abs(sub) * (1.0 / eps))
+            r, c = np.nonzero(n)
+            if r.size == 0:
+                continue
+            wr = rows[r]
+            counts = np.minimum(n[r, c], self.max_pulses).astype(np.int64)
+            addr = np.where(sub[r, c] > 0, lm.plus[wr, c], lm.minus[wr, c])
+            addr_parts.append(addr)
+            count_parts.append(counts)
+        if not addr_parts:
+            return None
+        addr = np.concatenate(addr_parts)
+        return self._new_program(addr, np.concatenate(count_parts), np.zeros(addr.size, np.bool_))
+
+    # ------------------------------------------------------------------ initial programming and refresh
+    def program_pairs(self, layer: int, widx: np.ndarray, target_w: np.ndarray) -> PulseProgram:
+        """RESET both devices of the pairs and SET the weight's magnitude onto one device, open loop."""
+        lm = self.mapping.layers[layer]
+        dg = np.abs(target_w) / lm.beta
+        counts = open_loop_counts(dg, self.mean_response_us, self.driver.limits.max_set_pulses_per_device)
+        plus, minus = lm.plus.flat[widx], lm.minus.flat[widx]
+        pos = target_w > 0
+        addr = np.concatenate([plus, minus])
+        cnt = np.concatenate([np.where(pos, counts, 0), np.where(pos, 0, counts)])
+        return self._new_program(addr, cnt, np.ones(addr.size, np.bool_))
+
+    def initialize(self, weights: list[np.ndarray]) -> None:
+        """Program the initial weights (RESET every mapped pair, open-loop SET) in one program, then read all."""
+        parts = [self.program_pairs(lm.index, np.arange(w.size), w.ravel()) for lm, w in zip(self.mapping.layers, weights)]
+        # One program for all layers: merge the per-layer ones under the first id.
+        self.next_program_id = parts[0].program_id
+        prog = self._new_program(np.concatenate([p.addresses for p in parts]),
+                                 np.concatenate([p.set_counts for p in parts]),
+                                 np.concatenate([p.reset for p in parts]))
+        self.send(ProgramRecord(INIT, prog), read_reason=None)
+        self.read(None, "initial")
+
+    def pairs_to_refresh(self) -> list[np.ndarray]:
+        """Per layer, the weight indices whose G+ or G- (host copy) exceeds the refresh threshold."""
+        thr = self.refresh_cfg.threshold_us
+        return [np.flatnonzero((self.g[lm.plus.ravel()] > thr) | (self.g[lm.minus.ravel()] > thr))
+                for lm in self.mapping.layers]
+
+    def refresh(self) -> int:
+        """Refresh every pair past the threshold; returns how many pairs were refreshed."""
+        todo = self.pairs_to_refresh()
+        n_pairs = sum(int(t.size) for t in todo)
+        if n_pairs == 0:
+            return 0
+        verify = self.refresh_cfg.mode == "verify"
+        for lm, widx in zip(self.mapping.layers, todo):
+            if widx.size == 0:
+                continue
+            target = self.w[lm.index].flat[widx].copy()
+            prog = self.program_pairs(lm.index, widx, target)
+            self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify" if verify else "after-program")
+            if verify:
+                self._verify(lm.index, widx, target)
+        self.counters.refreshes += n_pairs
+        return n_pairs
+
+    def _verify(self, layer: int, widx: np.ndarray, target_w: np.ndarray) -> None:
+        """Top up devices that fell short of their target with extra SET pulses, for a bounded number of rounds."""
+        lm = self.mapping.layers[layer]
+        gran = max(float(np.mean(np.diff(self.mean_response_us[:21]))), 1e-6)
+        pos = target_w > 0
+        dev = np.where(pos, lm.plus.flat[widx], lm.minus.flat[widx])
+        other = np.where(pos, lm.minus.flat[widx], lm.plus.flat[widx])
+        goal = self.g[other] + np.abs(target_w) / lm.beta
+        for _ in range(self.refresh_cfg.verify_rounds - 1):
+            short = goal - self.g[dev]
+            need = short > self.refresh_cfg.verify_tolerance_us
+            if not need.any():
+                return
+            cnt = np.clip(np.round(short[need] / gran), 1, self.max_pulses).astype(np.int64)
+            prog = self._new_program(dev[need], cnt, np.zeros(int(need.sum()), np.bool_))
+            self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify")
+
+
+class ArrayProducts(WeightSource):
+    """Products from the chip's analog multiply (capability MVM): W = beta * (G+ - G-), inputs as volts."""
+
+    def __init__(self, driver: ArrayDriver, plus: Block, minus: Block, beta: float) -> None:
+        self.driver, self.plus, self.minus, self.beta = driver, plus, minus, beta
+
+    def product(self, a: np.ndarray) -> np.ndarray:
+        return self.beta * (self.driver.mvm(self.plus, a) - self.driver.mvm(self.minus, a))
+
+    def product_t(self, d: np.ndarray) -> np.ndarray:
+        return self.beta * (self.driver.mvm_t(self.plus, d) - self.driver.mvm_t(self.minus, d))

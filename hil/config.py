@@ -1,0 +1,188 @@
+"""The run config: pydantic models loaded from TOML, every field validated, unknown keys refused.
+
+Units: conductance in microsiemens (uS), time in seconds, weights in weight units (W = beta * dG).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drivers import PulseShapes, SafetyLimits, SafetyViolation
+
+
+class ConfigError(ValueError):
+    """A run config is unreadable or invalid; the message names the file and the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
+
+
+class NetworkConfig(_Strict):
+    """Fully connected network: inputs (from the data set) -> hidden -> classes."""
+
+    hidden: list[Annotated[int, Field(ge=1, le=100_000)]] = Field([250], description="Hidden layer widths.")
+    activation: Literal["sigmoid"] = Field("sigmoid", description="Hidden activation (the paper's MLP uses sigmoid).")
+    init_scale: float = Field(1.0, gt=0, description="Initial weights ~ U(-s*sqrt(6/(fan_in+fan_out)), +...), s = this.")
+
+
+class DataConfig(_Strict):
+    """Training data. MNIST is looked up at path, then $PCM_HIL_MNIST, then the offline copy, then downloaded."""
+
+    name: Literal["mnist", "digits"] = "mnist"
+    path: str | None = Field(None, description="Folder holding the four MNIST IDX .gz files.")
+    train_limit: int | None = Field(None, ge=1, description="Use only the first N training samples.")
+    test_limit: int | None = Field(None, ge=1, description="Use only the first N test samples.")
+    download: bool = Field(True, description="Download MNIST when no local copy exists.")
+
+
+class DriverConfig(_Strict):
+    """Which array to train on. mock: in-process simulated chip; visa / serial: a tester behind a link."""
+
+    kind: Literal["mock", "visa", "serial"] = "mock"
+    resource: str | None = Field(None, description="VISA resource string (kind=visa) or serial URL (kind=serial).")
+    params_file: str | None = Field(None, description="PCM model parameters (TOML, [pcm] table) of the mock chip; "
+                                                      "a [calibration] table's eps_us sets the default eps.")
+    seed: int = Field(0, description="Seed of the mock chip.")
+    analog_mvm: bool = Field(False, description="Mock chip does the analog multiply (capability 'mvm').")
+    timeout_s: float = Field(10.0, gt=0, description="Link timeout, s (visa / serial).")
+    limits: SafetyLimits = Field(default_factory=SafetyLimits, description="Safety limits checked before any I/O.")
+    shapes: PulseShapes = Field(default_factory=PulseShapes, description="SET and RESET pulse shapes.")
+
+    @model_validator(mode="after")
+    def _resource_given(self) -> Self:
+        if self.kind != "mock" and not self.resource:
+            raise ValueError(f"driver.kind = {self.kind!r} needs driver.resource (a VISA resource or serial URL)")
+        lim = self.limits
+        for name, shape, amp, width in (("set", self.shapes.set, lim.set_amplitude_ua, lim.set_width_ns),
+                                        ("reset", self.shapes.reset, lim.reset_amplitude_ua, lim.reset_width_ns)):
+            try:
+                lim.check_shape(name, shape, amp, width)
+            except SafetyViolation as e:
+                raise ValueError(f"unsafe pulse shape: {e}") from None
+        return self
+
+
+class MappingConfig(_Strict):
+    """How weights sit on the array: W = beta * (G+ - G-), one device pair per weight, bias as an extra row."""
+
+    beta: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Weight units per uS, one per layer; default: w_max / g_range_us per layer.")
+    w_max: list[Annotated[float, Field(gt=0)]] = Field([1.0, 2.0], description="Largest |weight| per layer (used for the default beta); the last value repeats.")
+    g_range_us: float = Field(8.0, gt=0, description="Usable conductance range of one device, uS.")
+    row0: int = Field(0, ge=0, description="First array row used.")
+    col0: int = Field(0, ge=0, description="First array column used.")
+
+
+class UpdateConfig(_Strict):
+    """Mixed-precision update: chi accumulates -lr * grad; n = floor(|chi| / eps) SET pulses (capped)."""
+
+    lr: float = Field(0.1, gt=0, description="Learning rate.")
+    batch_size: int = Field(1, ge=1, le=4096)
+    epochs: int = Field(1, ge=1, le=1000)
+    eps: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Granularity in weight units per layer; default: [calibration].eps_us or the model's "
+                          "granularity (uS per pulse) times beta.")
+    max_pulses_per_update: int = Field(8, ge=1, description="Cap on n per weight per step.")
+    path: Literal["auto", "fast", "module"] = Field("auto", description="fast: hand-vectorized numpy MLP (batch 1, "
+                                                                        "host copy); module: torch modules; auto: fast where possible.")
+
+
+class ReadPolicyConfig(_Strict):
+    """When the host copy of conductances is refreshed by reading the chip."""
+
+    after_program: bool = Field(True, description="Read back every device right after it is programmed.")
+    every_steps: int = Field(10_000, ge=0, description="Read the whole mapped array every K steps (drift); 0: never.")
+    before_evaluation: bool = Field(True, description="Read the whole mapped array before each evaluation.")
+
+
+class RefreshConfig(_Strict):
+    """Refresh: when G+ or G- passes threshold_us, RESET both and reprogram the weight onto one device."""
+
+    enabled: bool = True
+    threshold_us: float = Field(8.0, gt=0, description="Refresh a pair when G+ or G- exceeds this, uS.")
+    check_every_steps: int = Field(1000, ge=1, description="Check period, steps.")
+    mode: Literal["open-loop", "verify"] = Field("open-loop")
+    verify_rounds: int = Field(3, ge=1, le=20, description="Most program-and-verify rounds (mode=verify).")
+    verify_tolerance_us: float = Field(0.5, gt=0, description="Verify stops once |G - target| is within this, uS.")
+
+
+class LoggingConfig(_Strict):
+    """The HDF5 run log (run.h5): every read and every program."""
+
+    enabled: bool = True
+    flush_interval_s: float = Field(2.0, gt=0, le=3600)
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(1000, ge=1, description="Atomic checkpoint every N steps (and at the end).")
+
+
+class RunConfig(_Strict):
+    """Everything a training run needs; resolved and written to RUN_DIR/config.toml."""
+
+    seed: int = Field(0, description="Seed of initialization and data order.")
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    driver: DriverConfig = Field(default_factory=DriverConfig)
+    mapping: MappingConfig = Field(default_factory=MappingConfig)
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
+    read_policy: ReadPolicyConfig = Field(default_factory=ReadPolicyConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    def to_toml(self) -> str:
+        """The config as TOML (None fields left out, so it loads back to an equal config)."""
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def digest(self) -> str:
+        """sha256 of the TOML form: a resume refuses a run whose config differs."""
+        return hashlib.sha256(self.to_toml().encode()).hexdigest()
+
+    def with_overrides(self, **dotted: Any) -> RunConfig:
+        """A copy with dotted keys replaced, e.g. {"update.epochs": 3}; validated like a file."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for key, value in dotted.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return validate_config(data, "command-line options")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return f"invalid run config {source}:\n" + "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], source: str = "") -> RunConfig:
+    """Validate a dict (as parsed from TOML) into a RunConfig; ConfigError names every bad key."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a run config TOML file."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no run config at {p}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    return validate_config(data, str(p))

@@ -1,0 +1,105 @@
+"""The step journal: an append-only file, one record per program (and its step's update factors).
+
+A record is written with a single os.write *before* its program is sent, so it survives a kill -9
+of the trainer at any moment (the kernel keeps the bytes; an OS crash is not covered: the journal
+is fsynced only at checkpoints). Layout of a record:
+
+    u32 length of body | body | u32 crc32 of body
+    body = u32 length of header | header (JSON) | raw array bytes, in header order
+
+A torn last record (short or bad CRC) is what a kill mid-write leaves; it is dropped on reading,
+and nothing after it is trusted. See docs/checkpoint.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_U32 = struct.Struct("<I")
+
+
+class JournalError(RuntimeError):
+    """The journal is unreadable in a way a torn last record does not explain."""
+
+
+def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """One journal record: meta (JSON-able) and named arrays (kept bit-exact, dtype and shape stored)."""
+    spec = []
+    raw = []
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        spec.append([name, a.dtype.str, list(a.shape)])
+        raw.append(a.tobytes())
+    header = json.dumps({"meta": meta, "arrays": spec}, separators=(",", ":")).encode()
+    body = b"".join([_U32.pack(len(header)), header, *raw])
+    return b"".join([_U32.pack(len(body)), body, _U32.pack(zlib.crc32(body))])
+
+
+def decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    (hlen,) = _U32.unpack_from(body, 0)
+    header = json.loads(body[4:4 + hlen])
+    off = 4 + hlen
+    arrays = {}
+    for name, dtype, shape in header["arrays"]:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        arrays[name] = np.frombuffer(body, dt, count=int(np.prod(shape)), offset=off).reshape(shape).copy()
+        off += n
+    return header["meta"], arrays
+
+
+class Journal:
+    """Append-only writer; each append is one os.write of a whole record."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def append(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        rec = encode_record(meta, arrays)
+        written = os.write(self._fd, rec)
+        if written != len(rec):  # a regular file takes the whole write unless the disk is full
+            raise OSError(f"journal {self.path}: short write ({written} of {len(rec)} bytes), disk full?")
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_journal(path: str | Path) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """Every whole record of the journal, in order; a torn tail is dropped. Missing file: no records."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    off = 0
+    while off + 4 <= len(data):
+        (blen,) = _U32.unpack_from(data, off)
+        end = off + 4 + blen + 4
+        if end > len(data):
+            break  # torn tail
+        body = data[off + 4:off + 4 + blen]
+        (crc,) = _U32.unpack_from(data, off + 4 + blen)
+        if zlib.crc32(body) != crc:
+            if end == len(data):
+                break  # torn tail written out of order by the page cache
+            raise JournalError(f"journal {p}: record at byte {off} fails its checksum and is not the last one")
+        try:
+            out.append(decode_body(body))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise JournalError(f"journal {p}: record at byte {off} is malformed: {e}") from e
+        off = end
+    return out

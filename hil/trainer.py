@@ -1,0 +1,401 @@
+"""The training loop: forward/backward, the mixed-precision update, reads, refresh, evaluation, checkpoints.
+
+One Trainer trains either on an array (ArrayWeights behind a driver) or, for the baseline, on float64
+host weights; both share the loop, the data order and the initialization, so the baseline is the
+software reference of the same run. See docs/training.md and docs/checkpoint.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drivers import MVM, ArrayDriver, PulseProgram
+
+from .array import INIT, REFRESH, UPDATE, ArrayProducts, ArrayWeights, ProgramRecord
+from .config import RunConfig
+from .data import Dataset, epoch_order
+from .journal import Journal, read_journal
+from .network import (AnalogMLP, Factors, HostWeights, StepResult, accumulate, fast_forward, fast_step,
+                      init_weights, module_forward, module_step)
+
+CHECKPOINT = "checkpoint.npz"
+CHECKPOINT_FORMAT = "pcm-hil-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, truncated, or belongs to another run, config or chip."""
+
+
+@dataclass
+class Position:
+    """Where the run is: global step, epoch (0-based), sample position in the epoch, running accuracy."""
+
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    seen: int = 0        # samples of this epoch so far
+    correct: int = 0     # of those, classified right before their update
+    samples_trained: int = 0
+    train_seconds: float = 0.0
+
+
+ProgressFn = Callable[["Trainer"], None]
+
+
+class Trainer:
+    """Mixed-precision training of the MLP on an array (weights=None) or the float64 baseline."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset, *, array: ArrayWeights | None = None,
+                 journal_dir: Path | None = None, logger: Any = None) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.sizes = [data.n_features, *cfg.network.hidden, data.n_classes]
+        self.w0 = init_weights(self.sizes, cfg.seed, cfg.network.init_scale)
+        self.array = array
+        self.logger = logger  # RunLogWriter or None
+        self.journal_dir = journal_dir
+        self.journal: Journal | None = None
+        self.checkpoint_seq = 0
+        self.at = Position()
+        self.metrics: list[dict[str, float]] = []
+        self.unapplied_program_ids: list[int] = []
+        self.weights = [w.copy() for w in self.w0] if array is None else array.w
+        self._pending: Factors | None = None
+        self._pending_meta: dict[str, Any] = {}
+        use_mvm = array is not None and MVM in array.driver.capabilities
+        path = cfg.update.path
+        self.path = "module" if (use_mvm or path == "module") else "fast"
+        if self.path == "module":
+            if use_mvm:
+                assert array is not None
+                sources = [ArrayProducts(array.driver, lm.plus_block, lm.minus_block, lm.beta)
+                           for lm in array.mapping.layers]
+            else:
+                sources = [HostWeights(w) for w in self.weights]
+            self.model: AnalogMLP | None = AnalogMLP(self.sizes, sources)
+        else:
+            self.model = None
+        if array is not None:
+            array.on_program = self._journal_program
+
+    # ------------------------------------------------------------------ one step
+    def forward_backward(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        if self.model is not None:
+            return module_step(self.model, x, y)
+        return fast_step(self.weights, x, y)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if self.model is not None:
+            return module_forward(self.model, x).argmax(axis=1)
+        return fast_forward(self.weights, x).argmax(axis=1)
+
+    def train_step(self, idx: np.ndarray) -> None:
+        """Forward, backward and update on the samples idx; journaled before any pulse is sent."""
+        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        res = self.forward_backward(x, y)
+        at = self.at
+        at.step += 1
+        at.pos += len(idx)
+        at.seen += len(idx)
+        at.samples_trained += len(idx)
+        correct = int(np.sum(res.predicted == y))
+        at.correct += correct
+        if self.array is None:
+            for w, (a, d) in zip(self.weights, res.factors):
+                accumulate(w, a, d, self.cfg.update.lr)
+            return
+        aw = self.array
+        aw.step = at.step
+        if self.logger is not None:
+            self._set_log_step(at.step)
+        rows = aw.accumulate(res.factors)
+        prog = aw.plan_update(rows)
+        self._pending = res.factors
+        self._pending_meta = {"correct": correct, "n": len(idx)}
+        if prog is None:
+            self._journal_program(None)
+        else:
+            aw.send(ProgramRecord(UPDATE, prog))
+
+    def _set_log_step(self, step: int) -> None:
+        drv = self.array.driver if self.array is not None else None
+        if drv is not None and hasattr(drv, "step"):
+            drv.step = step
+
+    def _journal_program(self, rec: ProgramRecord | None) -> None:
+        if self.journal is None:
+            return
+        meta: dict[str, Any] = {"step": self.at.step, "epoch": self.at.epoch, "pos": self.at.pos}
+        arrays: dict[str, np.ndarray] = {}
+        if rec is None or rec.kind == UPDATE:
+            assert self._pending is not None
+            meta.update(kind=UPDATE, **self._pending_meta)
+            for i, (a, d) in enumerate(self._pending):
+                arrays[f"a{i}"] = a
+                arrays[f"d{i}"] = d
+            self._pending = None
+        else:
+            meta["kind"] = rec.kind
+        if rec is not None:
+            p = rec.program
+            meta["program_id"] = p.program_id
+            arrays.update(addresses=p.addresses, set_counts=p.set_counts, reset=p.reset)
+        self.journal.append(meta, arrays)
+
+    # ------------------------------------------------------------------ the loop
+    def evaluate(self) -> float:
+        """Test accuracy (0..1); on an array, after reading the whole mapped array if the read policy says so."""
+        if self.array is not None and self.cfg.read_policy.before_evaluation:
+            self.array.read(None, "evaluation")
+        x, y = self.data.x_test, self.data.y_test
+        correct = 0
+        for lo in range(0, len(y), 2000):
+            correct += int(np.sum(self.predict(x[lo:lo + 2000]) == y[lo:lo + 2000]))
+        return correct / max(len(y), 1)
+
+    def run(self, progress: ProgressFn | None = None, progress_every: int = 200,
+            stop_after_steps: int | None = None) -> None:
+        """Train until cfg.update.epochs are done (or stop_after_steps more steps, for tests and benchmarks)."""
+        cfg = self.cfg
+        n = len(self.data.y_train)
+        bs = cfg.update.batch_size
+        stop_at = None if stop_after_steps is None else self.at.step + stop_after_steps
+        while self.at.epoch < cfg.update.epochs:
+            order = epoch_order(cfg.seed, self.at.epoch, n)
+            t0 = time.perf_counter()
+            while self.at.pos < n:
+                if stop_at is not None and self.at.step >= stop_at:
+                    self.at.train_seconds += time.perf_counter() - t0
+                    return
+                self.train_step(order[self.at.pos:self.at.pos + bs])
+                if self.array is not None:
+                    self._after_step()
+                if progress is not None and self.at.step % progress_every == 0:
+                    progress(self)
+            self.at.train_seconds += time.perf_counter() - t0
+            self._end_epoch()
+            if progress is not None:
+                progress(self)
+
+    def _after_step(self) -> None:
+        assert self.array is not None
+        s = self.at.step
+        every = self.cfg.read_policy.every_steps
+        if every and s % every == 0:
+            self.array.read(None, "periodic")
+        r = self.cfg.refresh
+        if r.enabled and s % r.check_every_steps == 0:
+            self.array.refresh()
+        if self.journal is not None and s % self.cfg.checkpoint.every_steps == 0:
+            self.checkpoint()
+
+    def _end_epoch(self) -> None:
+        acc = self.evaluate()
+        train_acc = self.at.correct / max(self.at.seen, 1)
+        row = {"epoch": float(self.at.epoch + 1), "test_accuracy": acc, "train_accuracy": train_acc}
+        self.metrics.append(row)
+        if self.logger is not None:
+            self.logger.log_metrics(self.at.step, **row)
+        self.at.epoch += 1
+        self.at.pos = 0
+        self.at.seen = self.at.correct = 0
+        if self.journal is not None:
+            self.checkpoint()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ck_path(self) -> Path:
+        assert self.journal_dir is not None
+        return self.journal_dir / CHECKPOINT
+
+    def checkpoint(self) -> None:
+        """Atomic checkpoint; then a fresh journal segment (the old one is deleted once the checkpoint is durable)."""
+        assert self.array is not None and self.journal_dir is not None
+        aw = self.array
+        d = self.journal_dir
+        if self.logger is not None:
+            self.logger.flush()
+        self.checkpoint_seq += 1
+        seq = self.checkpoint_seq
+        new_journal = f"journal-{seq:06d}.bin"
+        chip_file = self._save_chip(seq)
+        meta = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "seq": seq,
+            "config_digest": self.cfg.digest(), "identity": aw.driver.identity,
+            "position": self.at.__dict__, "next_program_id": aw.next_program_id,
+            "counters": aw.counters.as_dict(), "metrics": self.metrics, "journal": new_journal,
+            "chip": chip_file, "unapplied_program_ids": self.unapplied_program_ids,
+        }
+        arrays = {"g": aw.g}
+        for i in range(len(aw.chi)):
+            arrays[f"chi{i}"] = aw.chi[i]
+            arrays[f"net{i}"] = aw.net_pulses[i]
+        _atomic_savez(self._ck_path(), meta, arrays)
+        old = self.journal
+        if old is not None:
+            old.close()
+        self.journal = Journal(d / new_journal)
+        for f in d.glob("journal-*.bin"):
+            if f.name != new_journal:
+                f.unlink(missing_ok=True)
+        for f in d.glob("chip-*.npz"):
+            if f.name != chip_file:
+                f.unlink(missing_ok=True)
+
+    def _save_chip(self, seq: int) -> str | None:
+        """An in-process mock chip dies with the trainer: save its state with the checkpoint."""
+        chip = _mock_chip(self.array.driver) if self.array is not None else None
+        if chip is None:
+            return None
+        name = f"chip-{seq:06d}.npz"
+        chip.save(self.journal_dir / name)  # type: ignore[operator]
+        return name
+
+    def start_journal(self) -> None:
+        """Journal from here on (a new run: after the directory exists, before the first program)."""
+        assert self.journal_dir is not None
+        self.journal = Journal(self.journal_dir / "journal-000000.bin")
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+    def summary(self) -> dict[str, Any]:
+        at = self.at
+        out: dict[str, Any] = {
+            "test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
+            "epochs": at.epoch,
+            "samples_trained": at.samples_trained,
+            "train_seconds": at.train_seconds,
+            "us_per_sample": at.train_seconds / at.samples_trained * 1e6 if at.samples_trained else None,
+        }
+        if self.array is not None:
+            c = self.array.counters
+            out.update(programs_applied=c.programs_applied, set_pulses=c.set_pulses, reset_pulses=c.reset_pulses,
+                       refreshes=c.refreshes, devices_read=c.devices_read, read_calls=c.read_calls)
+        return out
+
+
+def _mock_chip(driver: ArrayDriver) -> Any:
+    inner = getattr(driver, "inner", driver)
+    return getattr(inner, "chip", None)
+
+
+def _atomic_savez(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The checkpoint's meta and arrays; CheckpointError names what is wrong."""
+    path = run_dir / CHECKPOINT
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir} has no checkpoint ({CHECKPOINT}); the run never finished its "
+                              "initial programming and cannot be resumed") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not a pcm-hil checkpoint of version {CHECKPOINT_VERSION}")
+    return meta, arrays
+
+
+def restore(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Put the checkpoint's state into a freshly built trainer (same config, mapping and driver)."""
+    aw = trainer.array
+    assert aw is not None
+    if meta["config_digest"] != trainer.cfg.digest():
+        raise CheckpointError("the checkpoint was written with another config; resume with the run's own config.toml")
+    if meta["identity"] != aw.driver.identity:
+        raise CheckpointError(f"the checkpoint was written on {meta['identity']!r}, this driver is "
+                              f"{aw.driver.identity!r}: refusing to resume on another chip")
+    try:
+        aw.g[:] = arrays["g"]
+        for i in range(len(aw.chi)):
+            aw.chi[i][:] = arrays[f"chi{i}"]
+            aw.net_pulses[i][:] = arrays[f"net{i}"]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint arrays do not fit this network: {e}") from None
+    trainer.at = Position(**meta["position"])
+    aw.next_program_id = int(meta["next_program_id"])
+    for k, v in meta["counters"].items():
+        setattr(aw.counters, k, int(v))
+    trainer.metrics = list(meta["metrics"])
+    trainer.checkpoint_seq = int(meta["seq"])
+    trainer.unapplied_program_ids = list(meta.get("unapplied_program_ids", []))
+
+
+@dataclass
+class RollForward:
+    """What a resume found in the journal."""
+
+    records: int
+    programs_applied: list[PulseProgram]
+    unapplied_program_id: int | None
+
+
+def roll_forward(trainer: Trainer, journal_path: Path, reapply: bool) -> RollForward:
+    """Replay the journal after the checkpoint: chi accumulates each step's factors exactly as it did live;
+    each journaled program is settled as applied, except the last one, which counts only if the driver
+    says so (last_program_id >= its id). reapply=True sends them again (an in-process mock chip that
+    died with the trainer and was restored from the checkpoint's chip state).
+    """
+    aw = trainer.array
+    assert aw is not None
+    records = read_journal(journal_path)
+    last_applied = None if reapply else aw.driver.last_program_id()
+    applied: list[PulseProgram] = []
+    unapplied = None
+    for i, (meta, arr) in enumerate(records):
+        kind = meta["kind"]
+        if kind == UPDATE:
+            n_layers = len(aw.chi)
+            aw.accumulate([(arr[f"a{j}"], arr[f"d{j}"]) for j in range(n_layers)])
+            at = trainer.at
+            at.step, at.epoch, at.pos = int(meta["step"]), int(meta["epoch"]), int(meta["pos"])
+            at.seen += int(meta["n"])
+            at.samples_trained += int(meta["n"])
+            at.correct += int(meta["correct"])
+        if "program_id" not in meta:
+            continue
+        prog = PulseProgram(int(meta["program_id"]), arr["addresses"], arr["set_counts"], arr["reset"], aw.shapes)
+        aw.next_program_id = prog.program_id + 1
+        is_last = i == len(records) - 1
+        if reapply:
+            inner = getattr(aw.driver, "inner", aw.driver)
+            inner.apply(prog)
+        elif is_last and (last_applied is None or last_applied < prog.program_id):
+            unapplied = prog.program_id
+            continue
+        aw.account(ProgramRecord(kind, prog))
+        if kind == REFRESH:
+            pass  # refresh counts are booked per pair at the end of refresh(); a torn refresh is re-checked later
+        applied.append(prog)
+    return RollForward(len(records), applied, unapplied)
