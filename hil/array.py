@@ -84,6 +84,8 @@ class ArrayWeights:
         self.net_pulses = [np.zeros(lm.shape, np.int64) for lm in mapping.layers]
         self.counters = Counters()
         self.step = 0
+        # Audit (tests): the float64 sum of every update ever accumulated; chi + eps * net_pulses must equal it.
+        self.total_update: list[np.ndarray] | None = None
 
     # ------------------------------------------------------------------ reads
     def _reason(self, reason: str) -> contextlib.AbstractContextManager:
@@ -152,6 +154,9 @@ class ArrayWeights:
 
     def accumulate(self, factors: Factors) -> list[np.ndarray]:
         """chi += -lr * A^T D per layer; returns the rows each layer touched."""
+        if self.total_update is not None:
+            for tot, (a, d) in zip(self.total_update, factors):
+                accumulate(tot, a, d, self.lr)
         return [accumulate(chi, a, d, self.lr) for chi, (a, d) in zip(self.chi, factors)]
 
     def plan_update(self, touched_rows: list[np.ndarray]) -> PulseProgram | None:

@@ -88,6 +88,8 @@ class Trainer:
             self.model = None
         if array is not None:
             array.on_program = self._journal_program
+            if cfg.checkpoint.audit:
+                array.total_update = [np.zeros_like(c) for c in array.chi]
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, x: np.ndarray, y: np.ndarray) -> StepResult:
@@ -240,6 +242,8 @@ class Trainer:
         for i in range(len(aw.chi)):
             arrays[f"chi{i}"] = aw.chi[i]
             arrays[f"net{i}"] = aw.net_pulses[i]
+            if aw.total_update is not None:
+                arrays[f"total{i}"] = aw.total_update[i]
         _atomic_savez(self._ck_path(), meta, arrays)
         old = self.journal
         if old is not None:
@@ -341,6 +345,8 @@ def restore(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray
         for i in range(len(aw.chi)):
             aw.chi[i][:] = arrays[f"chi{i}"]
             aw.net_pulses[i][:] = arrays[f"net{i}"]
+            if aw.total_update is not None:
+                aw.total_update[i][:] = arrays[f"total{i}"]
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint arrays do not fit this network: {e}") from None
     trainer.at = Position(**meta["position"])
