@@ -1,0 +1,160 @@
+"""Calibration on bad input: refused before any pulse, or a clear error naming the problem."""
+
+from __future__ import annotations
+
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from calibration.data import CalibrationData, CharacterizationPlan, NoiseData, PulseData
+from calibration.errors import FitDidNotConverge, InsufficientData, NotACalibrationLog, OutputExists
+from calibration.experiments import run_characterization
+from calibration.fit import CalibrationWarning, fit_model
+from calibration.run import characterize, fit_log
+from drivers.errors import SafetyViolation
+from drivers.mock import MockDriver
+from drivers.program import PulseShape
+from drivers.runlog import RunLogWriter
+from drivers.safety import Range, SafetyLimits
+from hil.cli import app
+
+SMALL = CharacterizationPlan(n_pulses=8, noise_reads=6, drift_reads=8, drift_span_s=2e3)
+
+
+def test_too_few_devices_is_refused_before_any_pulse(tmp_path):
+    d = MockDriver(10, 10)
+    with pytest.raises(InsufficientData, match="50 devices are too few"):
+        characterize(d, np.arange(50), SMALL, tmp_path / "out")
+    assert d.lifetime_pulses.sum() == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_pulses_or_reads_is_refused_by_the_plan():
+    with pytest.raises(ValidationError, match="n_pulses"):
+        CharacterizationPlan(n_pulses=2)
+    with pytest.raises(ValidationError, match="noise_reads"):
+        CharacterizationPlan(noise_reads=2)
+
+
+def test_pulse_budget_and_shape_limits_are_checked_up_front(tmp_path):
+    d = MockDriver(10, 20, limits=SafetyLimits(lifetime_pulse_budget=15))
+    with pytest.raises(SafetyViolation, match="lifetime_pulse_budget"):
+        characterize(d, np.arange(150), SMALL, tmp_path / "a")
+    assert d.lifetime_pulses.sum() == 0
+    d = MockDriver(10, 20, limits=SafetyLimits(set_amplitude_ua=Range(min=10, max=90)))
+    with pytest.raises(SafetyViolation, match="set_amplitude_ua"):
+        characterize(d, np.arange(150), SMALL, tmp_path / "b")
+    assert d.lifetime_pulses.sum() == 0 and not (tmp_path / "b").exists()
+
+
+def test_programs_are_split_to_the_per_program_pulse_limit():
+    d = MockDriver(10, 20, limits=SafetyLimits(max_set_pulses_per_device=3))
+    plan = CharacterizationPlan(n_pulses=8, noise_reads=5, drift_reads=6, drift_levels=[7])
+    data = run_characterization(d, np.arange(120), plan)
+    assert np.all(d.lifetime_pulses[:120] == 8 + 1 + 7 + 1)
+    assert np.all(data.drift.levels == 7)
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    with pytest.raises(OutputExists):
+        characterize(MockDriver(10, 20), np.arange(150), SMALL, tmp_path / "out")
+    assert (tmp_path / "out" / "keep").read_text() == "x"
+
+
+def _data(pulse: np.ndarray, noise: np.ndarray) -> CalibrationData:
+    n = pulse.shape[1]
+    return CalibrationData(CharacterizationPlan(n_pulses=pulse.shape[0] - 1, drift=False), np.arange(n),
+                           [PulseData(PulseShape(amplitude_ua=100, width_ns=50), pulse)], NoiseData(noise, noise), None)
+
+
+def test_all_zero_reads_are_named():
+    with pytest.raises(InsufficientData, match="every read is zero"):
+        fit_model(_data(np.zeros((9, 200)), np.zeros((6, 200))))
+
+
+def test_saturated_reads_are_named():
+    with pytest.raises(InsufficientData, match="saturated"):
+        fit_model(_data(np.full((9, 200), 20.0), np.full((6, 200), 20.0)))
+    # Reads that move (noise) but do not rise with the pulses.
+    rng = np.random.default_rng(0)
+    g = 5 + rng.normal(0, 0.3, (9, 200))
+    with pytest.raises(InsufficientData, match="do not SET the devices"):
+        fit_model(_data(g, 5 + rng.normal(0, 0.3, (6, 200))))
+
+
+def test_drift_onset_outside_the_span_is_a_fit_that_did_not_converge():
+    # Reads start long after t0 = 38.6 s: the onset cannot be located, so nothing is reported.
+    plan = CharacterizationPlan(n_pulses=10, noise_reads=6, drift_first_s=500, drift_span_s=5e4, drift_reads=8)
+    data = run_characterization(MockDriver(10, 40, seed=2), np.arange(400), plan)
+    with warnings.catch_warnings(), pytest.raises(FitDidNotConverge, match="drift.*t0"):
+        warnings.simplefilter("ignore", CalibrationWarning)
+        fit_model(data, bootstrap=0)
+
+
+def test_logs_of_another_kind_are_named(tmp_path):
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(NotACalibrationLog, match="not a pcm-hil run log"):
+        fit_log(tmp_path / "text.h5", tmp_path / "o1")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(NotACalibrationLog, match="not a pcm-hil run log"):
+        fit_log(tmp_path / "other.h5", tmp_path / "o2")
+    with RunLogWriter(tmp_path / "train.h5") as w:
+        w.log_reads(0, 0.0, np.arange(3), np.ones(3, np.float32), "periodic")
+    with pytest.raises(NotACalibrationLog, match="not a calibration log"):
+        fit_log(tmp_path / "train.h5", tmp_path / "o3")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_truncated_calibration_log_is_named(tmp_path):
+    # An interrupted run: the plan is in the log, the reads stop short.
+    with RunLogWriter(tmp_path / "cut.h5") as w:
+        d = MockDriver(10, 20, seed=1)
+        plan = CharacterizationPlan(n_pulses=6, noise_reads=5, drift=False)
+
+        class Stop(Exception):
+            pass
+
+        def boom(*a, **k):
+            raise Stop
+
+        orig = d.read
+        calls = {"n": 0}
+
+        def read_then_stop(addresses=None):
+            calls["n"] += 1
+            if calls["n"] > 4:
+                boom()
+            return orig(addresses)
+
+        d.read = read_then_stop
+        with pytest.raises(Stop):
+            run_characterization(d, np.arange(150), plan, writer=w)
+    with pytest.raises(NotACalibrationLog, match="truncated or interrupted"):
+        fit_log(tmp_path / "cut.h5", tmp_path / "o")
+
+
+def test_cli_characterize_then_fit(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "chip"
+    r = runner.invoke(app, ["characterize", "--devices", "300", "--pulses", "10", "--out", str(out), "--seed", "1",
+                            "--bootstrap", "4", "--drift-span", "2000", "--drift-reads", "8"])
+    assert r.exit_code == 0, r.output
+    assert "Cost: 300 devices" in r.output and "eps (fitted model" in r.output
+    for name in ("calibration.h5", "pcm.toml", "increments.png", "drift.png", "read_noise.png"):
+        assert (out / name).stat().st_size > 0
+    r = runner.invoke(app, ["fit", str(out / "calibration.h5"), "--out", str(tmp_path / "refit"), "--bootstrap", "4",
+                            "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "refit" / "pcm.toml").read_text().split("[calibration]")[0] == \
+        (out / "pcm.toml").read_text().split("[calibration]")[0]
+    r = runner.invoke(app, ["fit", str(out / "calibration.h5"), "--out", str(tmp_path / "refit")])
+    assert r.exit_code != 0 and "exists already" in r.output
+    r = runner.invoke(app, ["characterize", "--devices", "20", "--out", str(tmp_path / "few")])
+    assert r.exit_code == 1 and "too few" in r.output and not (tmp_path / "few").exists()
