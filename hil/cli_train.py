@@ -127,7 +127,7 @@ def train_cmd(
             summary = runner(_Bar(p, total))
     except (ConfigError, RunDirError, CheckpointError, DataError, MappingError, DriverError, RunLogError,
             JournalError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(2) from None
     _print_summary(summary, run_dir)
 
