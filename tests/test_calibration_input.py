@@ -158,3 +158,21 @@ def test_cli_characterize_then_fit(tmp_path):
     assert r.exit_code != 0 and "exists already" in r.output
     r = runner.invoke(app, ["characterize", "--devices", "20", "--out", str(tmp_path / "few")])
     assert r.exit_code == 1 and "too few" in r.output and not (tmp_path / "few").exists()
+
+
+def test_characterize_over_the_emulated_tester_matches_the_in_process_chip(tmp_path):
+    """Through pyvisa-py and a real socket to `pcm-hil emulator`, the experiments read what the mock reads."""
+    from drivers.tester import TesterDriver
+    from hil.cli_emulator import EmulatorProcess
+
+    plan = CharacterizationPlan(n_pulses=10, noise_reads=5, drift=False)
+    with EmulatorProcess(["--rows", "10", "--cols", "30", "--seed", "5"]) as emu:
+        with TesterDriver.open(emu.resource) as d:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CalibrationWarning)
+                res = characterize(d, np.arange(300), plan, tmp_path / "chip", bootstrap=2)
+    local = run_characterization(MockDriver(10, 30, seed=5), np.arange(300), plan)
+    np.testing.assert_array_equal(res.data.pulse[0].reads_us, local.pulse[0].reads_us)
+    np.testing.assert_array_equal(res.data.noise.after_pulses_us, local.noise.after_pulses_us)
+    assert res.fit.not_measured == ["drift_t0_s", "drift_nu_mean", "drift_nu_std"]
+    assert (tmp_path / "chip" / "pcm.toml").is_file()
