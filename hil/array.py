@@ -86,6 +86,9 @@ class ArrayWeights:
         self.step = 0
         # Audit (tests): the float64 sum of every update ever accumulated; chi + eps * net_pulses must equal it.
         self.total_update: list[np.ndarray] | None = None
+        # Devices read since the last refresh check: only they can have crossed the threshold.
+        self._dirty: list[np.ndarray] = []
+        self._dirty_all = True
 
     # ------------------------------------------------------------------ reads
     def _reason(self, reason: str) -> contextlib.AbstractContextManager:
@@ -99,6 +102,10 @@ class ArrayWeights:
         self.counters.read_calls += 1
         self.counters.devices_read += int(r.addresses.size)
         self.g[r.addresses] = r.conductances_us
+        if addresses is None:
+            self._dirty_all = True
+        else:
+            self._dirty.append(r.addresses)
         if addresses is None:
             for lm, w in zip(self.mapping.layers, self.w):
                 np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)
@@ -166,13 +173,16 @@ class ArrayWeights:
             if rows.size == 0:
                 continue
             sub = chi[rows]
-            n = np.floor(np.abs(sub) * (1.0 / eps))
-            r, c = np.nonzero(n)
-            if r.size == 0:
+            q = np.abs(sub)
+            q *= 1.0 / eps
+            hit = np.flatnonzero(q >= 1.0)  # a flat bool scan: the cheap way to find the few weights that pulse
+            if hit.size == 0:
                 continue
+            r, c = np.divmod(hit, sub.shape[1])
+            v = sub.ravel()[hit]
+            counts = np.minimum(np.floor(q.ravel()[hit]), self.max_pulses).astype(np.int64)
             wr = rows[r]
-            counts = np.minimum(n[r, c], self.max_pulses).astype(np.int64)
-            addr = np.where(sub[r, c] > 0, lm.plus[wr, c], lm.minus[wr, c])
+            addr = np.where(v > 0, lm.plus[wr, c], lm.minus[wr, c])
             addr_parts.append(addr)
             count_parts.append(counts)
         if not addr_parts:
@@ -206,8 +216,18 @@ class ArrayWeights:
     def pairs_to_refresh(self) -> list[np.ndarray]:
         """Per layer, the weight indices whose G+ or G- (host copy) exceeds the refresh threshold."""
         thr = self.refresh_cfg.threshold_us
-        return [np.flatnonzero((self.g[lm.plus.ravel()] > thr) | (self.g[lm.minus.ravel()] > thr))
-                for lm in self.mapping.layers]
+        m = self.mapping
+        if self._dirty_all:
+            cand = m.addresses
+        elif self._dirty:
+            cand = np.concatenate(self._dirty)
+        else:
+            cand = np.zeros(0, np.int64)
+        self._dirty, self._dirty_all = [], False
+        over = cand[self.g[cand] > thr]
+        over = over[m.layer_of[over] >= 0]
+        layer = m.layer_of[over]
+        return [np.unique(m.weight_of[over[layer == lm.index]]) for lm in m.layers]
 
     def refresh(self) -> int:
         """Refresh every pair past the threshold; returns how many pairs were refreshed."""
@@ -219,7 +239,9 @@ class ArrayWeights:
         for lm, widx in zip(self.mapping.layers, todo):
             if widx.size == 0:
                 continue
-            target = self.w[lm.index].flat[widx].copy()
+            # A weight past the threshold itself is reprogrammed just below it, or it would refresh forever.
+            cap = 0.9 * self.refresh_cfg.threshold_us * lm.beta
+            target = np.clip(self.w[lm.index].flat[widx], -cap, cap)
             prog = self.program_pairs(lm.index, widx, target)
             self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify" if verify else "after-program")
             if verify:

@@ -83,7 +83,7 @@ class MappingConfig(_Strict):
 class UpdateConfig(_Strict):
     """Mixed-precision update: chi accumulates -lr * grad; n = floor(|chi| / eps) SET pulses (capped)."""
 
-    lr: float = Field(0.1, gt=0, description="Learning rate.")
+    lr: float = Field(0.03, gt=0, description="Learning rate.")
     batch_size: int = Field(1, ge=1, le=4096)
     epochs: int = Field(1, ge=1, le=1000)
     eps: list[Annotated[float, Field(gt=0)]] | None = Field(
@@ -107,7 +107,7 @@ class RefreshConfig(_Strict):
 
     enabled: bool = True
     threshold_us: float = Field(8.0, gt=0, description="Refresh a pair when G+ or G- exceeds this, uS.")
-    check_every_steps: int = Field(1000, ge=1, description="Check period, steps.")
+    check_every_steps: int = Field(20, ge=1, description="Check period, steps (cheap: only devices read since the last check are looked at).")
     mode: Literal["open-loop", "verify"] = Field("open-loop")
     verify_rounds: int = Field(3, ge=1, le=20, description="Most program-and-verify rounds (mode=verify).")
     verify_tolerance_us: float = Field(0.5, gt=0, description="Verify stops once |G - target| is within this, uS.")

@@ -187,10 +187,11 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
     return Session(trainer, driver, inner, writer)
 
 
-def run_baseline(cfg: RunConfig, data: Dataset, progress: Callable[[Trainer], None] | None = None) -> Trainer:
+def run_baseline(cfg: RunConfig, data: Dataset, progress: Callable[[Trainer], None] | None = None,
+                 progress_every: int = 200) -> Trainer:
     """The float64 software network: same init, same data order, same loop."""
     t = Trainer(cfg, data)
-    t.run(progress)
+    t.run(progress, progress_every)
     return t
 
 
@@ -203,7 +204,7 @@ def _load_data(cfg: RunConfig) -> Dataset:
 
 
 def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress: ProgressFn | None = None,
-              stop_after_steps: int | None = None) -> dict[str, Any]:
+              stop_after_steps: int | None = None, progress_every: int = 200) -> dict[str, Any]:
     """A new run in run_dir (which must not exist); returns the summary (also written to summary.json)."""
     run_dir = Path(run_dir)
     if run_dir.exists():
@@ -227,15 +228,16 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
         assert t.array is not None
         t.array.initialize(t.w0)
         t.checkpoint()
-        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps)
+        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every)
     finally:
         s.close()
 
 
 def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, baseline: bool,
-                      progress: ProgressFn | None, stop_after_steps: int | None) -> dict[str, Any]:
+                      progress: ProgressFn | None, stop_after_steps: int | None,
+                      progress_every: int = 200) -> dict[str, Any]:
     t = s.trainer
-    t.run(progress, stop_after_steps=stop_after_steps)
+    t.run(progress, progress_every, stop_after_steps=stop_after_steps)
     t.checkpoint()
     summary = t.summary()
     summary["baseline_test_accuracy"] = None
@@ -249,7 +251,8 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
 
 
 def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | None = None, baseline: bool = False,
-               progress: ProgressFn | None = None, stop_after_steps: int | None = None) -> dict[str, Any]:
+               progress: ProgressFn | None = None, stop_after_steps: int | None = None,
+               progress_every: int = 200) -> dict[str, Any]:
     """Continue the run in run_dir from its checkpoint and journal; config, if given, must equal the run's."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
@@ -285,7 +288,7 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
         assert t.array is not None
         t.array.read(None, "resume")
         t.checkpoint()
-        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps)
+        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every)
     finally:
         s.close()
 
