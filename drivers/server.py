@@ -11,8 +11,8 @@ lifetime pulse counts are written atomically after every applied program, before
 and on shutdown. Reads are not saved one by one: after a crash, the read-noise generator resumes
 from the last save.
 
-Fault injection (seeded, per query, for tests): drop (close the connection instead of replying,
-after the command has run), delay (reply after `delay_s`), corrupt (flip one byte of the reply),
+Fault injection (seeded, per query, for tests): lose (close the connection on receipt, before the
+command runs), drop (close the connection instead of replying, after the command has run), delay (reply after `delay_s`), corrupt (flip one byte of the reply),
 error (refuse with instrument error 200 without running the command).
 """
 
@@ -53,6 +53,7 @@ FIRMWARE = "emulator-1"
 
 
 class Fault(enum.Enum):
+    LOSE = "lose"
     DROP = "drop"
     DELAY = "delay"
     CORRUPT = "corrupt"
@@ -63,6 +64,7 @@ class FaultPlan(BaseModel):
     """Per-query probability of each injected fault, drawn from its own seeded generator."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    lose: float = Field(0.0, ge=0, le=1, description="Close the link on receipt, before the command runs.")
     drop: float = Field(0.0, ge=0, le=1, description="Close the link instead of replying (the command ran).")
     delay: float = Field(0.0, ge=0, le=1, description="Reply only after delay_s (the command ran).")
     corrupt: float = Field(0.0, ge=0, le=1, description="Flip one byte of the reply (the command ran).")
@@ -72,7 +74,7 @@ class FaultPlan(BaseModel):
 
     @property
     def any(self) -> bool:
-        return self.drop + self.delay + self.corrupt + self.error > 0
+        return self.lose + self.drop + self.delay + self.corrupt + self.error > 0
 
 
 @dataclass
@@ -112,6 +114,11 @@ class Emulator:
         # Largest legitimate block: a program touching every device.
         self.max_block = 64 + 7 * driver.geometry.n_devices
 
+    def set_faults(self, faults: FaultPlan) -> None:
+        """Change the injected-fault plan (its generator restarts from faults.seed)."""
+        self.faults = faults
+        self._fault_rng = np.random.default_rng(faults.seed)
+
     # ------------------------------------------------------------------ identity
     @property
     def identity(self) -> str:
@@ -140,6 +147,8 @@ class Emulator:
             fault = self._draw_fault() if cmd.reply is not P.Reply.NONE else None
             if fault is Fault.ERROR:
                 raise _Refused(P.ErrorCode.INJECTED_FAULT, "injected fault")
+            if fault is Fault.LOSE:
+                return Response(None, fault)
             data = self._run(cmd, item)
         except _Refused as e:
             if is_query:
@@ -168,7 +177,7 @@ class Emulator:
         if not f.any:
             return None
         u = self._fault_rng.random()
-        for kind, p in ((Fault.DROP, f.drop), (Fault.DELAY, f.delay), (Fault.CORRUPT, f.corrupt), (Fault.ERROR, f.error)):
+        for kind, p in ((Fault.LOSE, f.lose), (Fault.DROP, f.drop), (Fault.DELAY, f.delay), (Fault.CORRUPT, f.corrupt), (Fault.ERROR, f.error)):
             if u < p:
                 return kind
             u -= p
@@ -489,11 +498,11 @@ class Server:
             quiet_since = time.monotonic()
             for item in parser.feed(data):
                 r = self.emulator.handle(item)
-                if r.data is None:
-                    continue
-                if r.fault is Fault.DROP:
+                if r.fault in (Fault.LOSE, Fault.DROP):
                     if can_drop:
                         return
+                    continue
+                if r.data is None:
                     continue
                 if r.fault is Fault.DELAY:
                     time.sleep(self.emulator.faults.delay_s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,7 @@ from .safety import SafetyLimits
 from .transport import SerialTransport, Transport, VisaTransport, is_serial_url
 
 _LINK_ERRORS = (DriverTimeout, Disconnected, ProtocolError)
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,8 +52,8 @@ class TesterDriver(ArrayDriver):
         self.stats = LinkStats()
         try:
             self._identity = self._query_text("*IDN?")
-            geometry = self._parse_geometry(self._query_text("GEOM?"))
-            tester_limits = self._parse_limits(self._query_text("LIM?"))
+            geometry = self._query_text("GEOM?", parse=_parse_geometry)
+            tester_limits = self._query_text("LIM?", parse=_parse_limits)
         except BaseException:
             transport.close()
             raise
@@ -144,17 +145,10 @@ class TesterDriver(ArrayDriver):
         raise Disconnected(f"cannot learn from the tester whether program {pid} was applied")
 
     def _last_program_id(self) -> int | None:
-        text = self._query_text("PROG:LAST?")
-        if not text.isdigit():
-            raise ProtocolError(f"PROG:LAST? answered {text[:40]!r}, expected an integer")
-        return int(text) or None
+        return self._query_text("PROG:LAST?", parse=_parse_id) or None
 
     def _now(self) -> float:
-        text = self._query_text("TIME?")
-        try:
-            return float(text)
-        except ValueError:
-            raise ProtocolError(f"TIME? answered {text[:40]!r}, expected seconds") from None
+        return self._query_text("TIME?", parse=_parse_seconds)
 
     def tester_lifetime_pulses(self, addresses: npt.ArrayLike | None = None) -> npt.NDArray[np.int64]:
         """Pulses (SET + RESET) the tester counted per device of addresses (all devices if None)."""
@@ -170,7 +164,7 @@ class TesterDriver(ArrayDriver):
     def read_voltage(self) -> float:
         """The tester's read voltage, volts."""
         self._check_open()
-        return float(self._query_text("READ:VOLT?"))
+        return self._query_text("READ:VOLT?", parse=_parse_seconds)
 
     def set_read_voltage(self, volts: float) -> None:
         """Set the tester's read voltage (V); raises InstrumentError if the tester refuses it."""
@@ -182,7 +176,7 @@ class TesterDriver(ArrayDriver):
         self._check_open()
         out = []
         for _ in range(64):
-            code, msg = P.parse_error(self._query_text("SYST:ERR?"))
+            code, msg = self._query_text("SYST:ERR?", parse=P.parse_error)
             if code == 0:
                 break
             out.append((code, msg))
@@ -196,19 +190,20 @@ class TesterDriver(ArrayDriver):
         """Send a command that has no reply, then check the error queue (one extra round trip)."""
         header, _, arg = text.partition(" ")
         self._transport.write(P.encode_message(header, text=arg or None))
-        code, msg = P.parse_error(self._query_text("SYST:ERR?"))
+        code, msg = self._query_text("SYST:ERR?", parse=P.parse_error)
         if code != 0:
             raise InstrumentError(code, msg, header)
 
-    def _query_text(self, header: str, text: str | None = None) -> str:
+    def _query_text(self, header: str, text: str | None = None, parse: Callable[[str], T] = str) -> T:
+        """One retried text query; parse turns the reply into a value (ProtocolError if it cannot)."""
         msg = P.encode_message(header, text=text)
-        return self._retrying(lambda: self._round_trip_text(msg, header))
+        return self._retrying(lambda: parse(self._round_trip_text(msg, header)))
 
     def _query_block(self, header: str, block: bytes | None = None) -> bytes:
         msg = P.encode_message(header, block=block)
         return self._retrying(lambda: self._round_trip_block(msg, header))
 
-    def _retrying(self, once):  # type: ignore[no-untyped-def]
+    def _retrying(self, once: Callable[[], T]) -> T:
         """Run an idempotent round trip, recovering the link after each failure."""
         for attempt in range(self._retries + 1):
             try:
@@ -264,18 +259,30 @@ class TesterDriver(ArrayDriver):
                     return
         raise ProtocolError("SYNC? echo not found among the stale replies")
 
-    # ------------------------------------------------------------------ parsing
-    @staticmethod
-    def _parse_geometry(text: str) -> Geometry:
-        try:
-            rows, cols = (int(x) for x in text.split(","))
-            return Geometry(rows, cols)
-        except ValueError:
-            raise ProtocolError(f"GEOM? answered {text[:40]!r}, expected rows,cols") from None
 
-    @staticmethod
-    def _parse_limits(text: str) -> SafetyLimits:
-        try:
-            return SafetyLimits.model_validate_json(text)
-        except ValueError as e:
-            raise ProtocolError(f"LIM? answered limits that do not validate: {e}") from None
+def _parse_geometry(text: str) -> Geometry:
+    try:
+        rows, cols = (int(x) for x in text.split(","))
+        return Geometry(rows, cols)
+    except ValueError:
+        raise ProtocolError(f"GEOM? answered {text[:40]!r}, expected rows,cols") from None
+
+
+def _parse_limits(text: str) -> SafetyLimits:
+    try:
+        return SafetyLimits.model_validate_json(text)
+    except ValueError as e:
+        raise ProtocolError(f"LIM? answered limits that do not validate: {e}") from None
+
+
+def _parse_id(text: str) -> int:
+    if not text.isdigit():
+        raise ProtocolError(f"PROG:LAST? answered {text[:40]!r}, expected an integer")
+    return int(text)
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ProtocolError(f"expected a number, got {text[:40]!r}") from None

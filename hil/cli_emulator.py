@@ -29,6 +29,7 @@ def emulator_cmd(
                                                        "this file across restarts (saved after every program).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="PCM model parameters (TOML).")] = None,
     limits: Annotated[Optional[Path], typer.Option(help="Safety limits the emulator enforces (TOML).")] = None,
+    fault_lose: Annotated[float, typer.Option(min=0, max=1, help="Per-query probability: close the link on receipt, command not run.")] = 0.0,
     fault_drop: Annotated[float, typer.Option(min=0, max=1, help="Per-query probability: close the link instead of replying.")] = 0.0,
     fault_delay: Annotated[float, typer.Option(min=0, max=1, help="Per-query probability: reply after --fault-delay-s.")] = 0.0,
     fault_corrupt: Annotated[float, typer.Option(min=0, max=1, help="Per-query probability: flip one byte of the reply.")] = 0.0,
@@ -45,7 +46,7 @@ def emulator_cmd(
 
     p = PCMParams.from_toml(params) if params else None
     lim = SafetyLimits.model_validate(tomllib.loads(limits.read_text())) if limits else None
-    faults = FaultPlan(drop=fault_drop, delay=fault_delay, corrupt=fault_corrupt, error=fault_error,
+    faults = FaultPlan(lose=fault_lose, drop=fault_drop, delay=fault_delay, corrupt=fault_corrupt, error=fault_error,
                        delay_s=fault_delay_s, seed=fault_seed)
     driver = MockDriver(rows, cols, params=p, seed=seed, limits=lim)
     server = Server(Emulator(driver, faults=faults, state_path=state), Endpoint.parse("pty" if pty else listen))

@@ -1,0 +1,181 @@
+"""The emulated tester end to end: real sockets, real pyvisa-py, real pyserial, a real pty."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from drivers import InstrumentError, MockDriver, PulseProgram, SafetyLimits
+from drivers import TesterDriver as Driver
+from drivers.server import Emulator, Endpoint, FaultPlan, Server
+from hil.cli_emulator import EmulatorProcess
+
+ROWS, COLS, SEED = 6, 7, 5
+
+
+def operations(drv, first_id: int = 1, n_programs: int = 5) -> list[np.ndarray]:
+    """A seeded mix of programs and reads; everything observed, for bit-exact comparison."""
+    rng = np.random.default_rng(11 + first_id)
+    n = drv.geometry.n_devices
+    out: list[np.ndarray] = []
+    for pid in range(first_id, first_id + n_programs):
+        addr = rng.permutation(n)[: n // 3]
+        drv.apply(PulseProgram(pid, addr, rng.integers(0, 4, addr.size), rng.random(addr.size) < 0.1))
+        r = drv.read(addr[:10])
+        out += [r.addresses, r.conductances_us, np.array([r.t_s])]
+    r = drv.read()
+    out += [r.conductances_us, np.array([r.t_s]), np.array([drv.now(), drv.last_program_id()]), drv.lifetime_pulses.copy()]
+    return out
+
+
+def assert_same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), (x, y)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[np.ndarray]:
+    return operations(MockDriver(ROWS, COLS, seed=SEED))
+
+
+ARGS = ["--rows", str(ROWS), "--cols", str(COLS), "--seed", str(SEED)]
+
+
+def test_pyvisa_over_tcp_matches_the_in_process_mock(reference):
+    with EmulatorProcess(ARGS) as emu:
+        with Driver.open(emu.resource, timeout_s=10) as drv:
+            assert drv.identity.startswith("pcm-hil,emulator,")
+            got = operations(drv)
+            assert drv.stats.round_trips == 4 + 5 * 2 + 1 + 2  # handshake, program+read each, full read, now+last
+            assert np.array_equal(drv.tester_lifetime_pulses(), drv.lifetime_pulses)
+    assert_same(got, reference)
+
+
+def test_pyserial_socket_url_matches_the_in_process_mock(reference):
+    with EmulatorProcess(ARGS) as emu:
+        with Driver.open(emu.serial_url, timeout_s=10) as drv:
+            got = operations(drv)
+    assert_same(got, reference)
+
+
+def test_pyserial_over_a_pty_matches_the_in_process_mock(reference):
+    with EmulatorProcess(["--pty", *ARGS]) as emu:
+        assert emu.address.startswith("/dev/")
+        with Driver.open(emu.serial_url, timeout_s=10, baudrate=9600, parity="E") as drv:
+            got = operations(drv)
+    assert_same(got, reference)
+
+
+def test_state_file_keeps_chip_program_id_and_lifetime_across_restarts(tmp_path):
+    state = tmp_path / "chip.npz"
+    ref = MockDriver(ROWS, COLS, seed=SEED)
+    expected = operations(ref) + operations(ref, first_id=6)
+    with EmulatorProcess([*ARGS, "--state", str(state)]) as emu:
+        with Driver.open(emu.resource, timeout_s=10) as drv:
+            first = operations(drv)
+    with EmulatorProcess([*ARGS, "--state", str(state)]) as emu:  # saved on SIGTERM, restored here
+        with Driver.open(emu.resource, timeout_s=10) as drv:
+            assert drv.last_program_id() == 5
+            assert np.array_equal(drv.lifetime_pulses, expected[len(first) - 1])
+            second = operations(drv, first_id=6)
+    assert_same(first + second, expected)
+
+
+def test_state_is_on_disk_before_a_program_is_acknowledged(tmp_path):
+    state = tmp_path / "chip.npz"
+    emu = EmulatorProcess([*ARGS, "--state", str(state)])
+    try:
+        with Driver.open(emu.resource, timeout_s=10) as drv:
+            drv.apply(PulseProgram(41, np.arange(5), np.full(5, 2), np.zeros(5, bool)))
+            lifetime = drv.lifetime_pulses.copy()
+        emu.proc.kill()  # no chance to save on the way out
+        emu.proc.wait()
+    finally:
+        emu.stop()
+    with EmulatorProcess([*ARGS, "--state", str(state)]) as emu2:
+        with Driver.open(emu2.resource, timeout_s=10) as drv:
+            assert drv.last_program_id() == 41
+            assert np.array_equal(drv.lifetime_pulses, lifetime)
+
+
+def test_the_emulator_enforces_its_own_limits(tmp_path):
+    limits = tmp_path / "limits.toml"
+    limits.write_text("max_set_pulses_per_device = 2\n")
+    with EmulatorProcess([*ARGS, "--limits", str(limits)]) as emu:
+        with Driver.open(emu.resource, timeout_s=10, limits=SafetyLimits()) as drv:
+            assert drv.tester_limits.max_set_pulses_per_device == 2
+            with pytest.raises(InstrumentError) as e:
+                drv.apply(PulseProgram(1, np.array([4, 9]), np.array([1, 3]), np.zeros(2, bool)))
+            assert e.value.code == 101
+            assert "max_set_pulses_per_device" in e.value.message and "device 9" in e.value.message
+            assert drv.last_program_id() is None and drv.tester_lifetime_pulses().sum() == 0
+
+
+def test_garbage_over_a_real_socket_only_fills_the_error_queue():
+    with EmulatorProcess(ARGS) as emu:
+        host, port = emu.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            f = s.makefile("rb")  # closed below too: the server serves one connection at a time
+            s.sendall(b"\x00\xff\xfe garbage\nFOO:BAR?\nREAD? #14ab\n\n\ncd\nREAD? #9999999999\n*IDN?\n")
+            assert f.readline().startswith(b"!-113,")  # FOO:BAR? is a query: it answers, with an error
+            assert f.readline().startswith(b"!-160,")  # READ? with a 4-byte block: no room for a CRC
+            assert f.readline().startswith(b"pcm-hil,emulator,")
+            s.sendall(b"SYST:ERR?\nSYST:ERR?\nSYST:ERR?\nSYST:ERR?\n")
+            errs = [f.readline() for _ in range(4)]
+            f.close()
+        assert errs[0].startswith(b"-100,") and errs[1].startswith(b"-113,") and errs[2].startswith(b"-100,")
+        assert errs[3] == b'0,"No error"\n'
+        with Driver.open(emu.resource, timeout_s=10) as drv:  # still serving
+            assert drv.geometry.n_devices == ROWS * COLS
+
+
+# ---------------------------------------------------------------------------- faults
+def _program_stream(n_programs: int, n_devices: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for pid in range(1, n_programs + 1):
+        k = int(rng.integers(1, 6))
+        addr = rng.choice(n_devices, k, replace=False)
+        yield PulseProgram(pid, addr, rng.integers(0, 3, k), rng.random(k) < 0.05)
+
+
+@pytest.mark.slow
+def test_ten_thousand_programs_with_faults_end_in_the_fault_free_state():
+    n_programs, rows, cols = 10_000, 4, 4
+    reference = MockDriver(rows, cols, seed=SEED)
+    for prog in _program_stream(n_programs, rows * cols, 99):
+        reference.apply(prog)
+
+    emulator = Emulator(MockDriver(rows, cols, seed=SEED))
+    server = Server(emulator, Endpoint("tcp", "127.0.0.1", 0), quiet_abandon_s=0.5)
+    server.bind()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        drv = Driver.open(server.visa_resource, timeout_s=0.05, retries=20)
+        emulator.set_faults(FaultPlan(lose=0.01, drop=0.01, delay=0.01, corrupt=0.01, error=0.01, delay_s=0.1, seed=7))
+        refused = 0
+        for prog in _program_stream(n_programs, rows * cols, 99):
+            while True:
+                try:
+                    drv.apply(prog)
+                    break
+                except InstrumentError as e:  # an injected refusal: nothing ran, so try again
+                    assert e.code == 200
+                    refused += 1
+        emulator.set_faults(FaultPlan())
+        assert drv.last_program_id() == n_programs
+        assert np.array_equal(drv.tester_lifetime_pulses(), reference.lifetime_pulses)
+        assert np.array_equal(drv.lifetime_pulses, reference.lifetime_pulses)
+        drv.close()
+    finally:
+        server.stop()
+        thread.join(10)
+    chip = emulator.driver.chip
+    assert chip.state_equal(reference.chip)
+    assert emulator.driver.now() == reference.now()
+    # Every kind of fault happened and was survived.
+    assert refused > 50 and drv.stats.reconnects > 150 and drv.stats.resends > 0

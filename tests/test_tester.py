@@ -1,0 +1,242 @@
+"""TesterDriver, message-exact: a mocked transport expects exact command bytes and gives exact replies."""
+
+from __future__ import annotations
+
+from unittest.mock import call
+
+import numpy as np
+import pytest
+
+from drivers import Disconnected, DriverTimeout, InstrumentError, ProtocolError, PulseProgram, SafetyLimits, \
+    SafetyViolation
+from drivers import TesterDriver as Driver
+from drivers import protocol as P
+from drivers.transport import Transport, is_serial_url
+
+LIMITS = SafetyLimits()
+
+
+def blk(payload: bytes) -> bytes:
+    return P.encode_block(payload) + b"\n"
+
+
+HANDSHAKE = [
+    (b"*IDN?\n", b"ACME,PCM-1,42,1.0\n"),
+    (b"GEOM?\n", b"2,3\n"),
+    (b"LIM?\n", LIMITS.model_dump_json().encode() + b"\n"),
+    (b"LIFE:ALL?\n", blk(P.encode_counts([0, 1, 2, 3, 4, 5]))),
+]
+
+
+class Script:
+    """Drives a create_autospec(Transport): each write must equal the next expected bytes."""
+
+    def __init__(self, mocker, pairs):
+        self.pairs = list(pairs)
+        self.buf = b""
+        self.pending: Exception | None = None
+        self.stale = b""
+        self.syncs = 0
+        t = mocker.create_autospec(Transport, instance=True)
+        t.timeout_s = 1.0
+        t.write.side_effect = self._write
+        t.read_line.side_effect = self._read_line
+        t.read_exact.side_effect = self._read_exact
+        self.t = t
+
+    def expect(self, *pairs):
+        self.pairs += pairs
+
+    def _write(self, data: bytes) -> None:
+        if data.startswith(b"SYNC? "):  # recovery: echo the (random) token after whatever is stale
+            self.pending = None
+            self.buf += self.stale + data.split(b" ", 1)[1]
+            self.syncs += 1
+            return
+        assert self.pairs, f"unexpected write {data!r}"
+        expected, reply = self.pairs.pop(0)
+        if callable(expected):
+            assert expected(data), data
+        else:
+            assert data == expected
+        if isinstance(reply, Exception):
+            self.buf, self.pending = b"", reply
+        elif reply is not None:
+            self.buf += reply
+
+    def _take_pending(self) -> None:
+        if self.pending is not None:
+            e, self.pending = self.pending, None
+            raise e
+
+    def _read_line(self) -> bytes:
+        self._take_pending()
+        i = self.buf.find(b"\n")
+        if i < 0:
+            raise DriverTimeout("no line")
+        line, self.buf = self.buf[:i + 1], self.buf[i + 1:]
+        return line
+
+    def _read_exact(self, n: int) -> bytes:
+        self._take_pending()
+        if len(self.buf) < n:
+            raise DriverTimeout("short")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def writes(self):
+        return [c.args[0] for c in self.t.write.call_args_list]
+
+
+@pytest.fixture
+def script(mocker):
+    return Script(mocker, HANDSHAKE)
+
+
+def connect(script) -> Driver:
+    drv = Driver(script.t, retries=2)
+    assert not script.pairs
+    return drv
+
+
+def test_handshake_learns_identity_geometry_limits_and_lifetime(script):
+    drv = connect(script)
+    assert drv.identity == "ACME,PCM-1,42,1.0"
+    assert (drv.geometry.rows, drv.geometry.cols) == (2, 3)
+    assert drv.limits == LIMITS
+    assert drv.lifetime_pulses.tolist() == [0, 1, 2, 3, 4, 5]
+    assert script.writes() == [p[0] for p in HANDSHAKE]
+
+
+def test_read_is_one_exact_round_trip(script):
+    drv = connect(script)
+    addr = np.array([5, 0])
+    req = P.encode_message("READ?", block=P.encode_addresses(addr))
+    assert req == b"READ? #216" + b"\x02\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00" + req[-5:-1] + b"\n"
+    script.expect((req, blk(P.encode_read_reply(2.5, [10.0, 11.0]))))
+    r = drv.read(addr)
+    assert r.t_s == 2.5 and r.conductances_us.tolist() == [10.0, 11.0] and r.addresses.tolist() == [5, 0]
+    script.expect((b"READ:ALL?\n", blk(P.encode_read_reply(3.0, np.arange(6)))))
+    assert drv.read().conductances_us.tolist() == list(range(6))
+    assert drv.stats.round_trips == 4 + 2
+
+
+def test_program_is_one_round_trip_and_updates_the_ledger(script):
+    drv = connect(script)
+    prog = PulseProgram(9, np.array([1, 4]), np.array([2, 0]), np.array([False, True]))
+    script.expect((P.encode_message("PROG:APPL?", block=P.encode_program(prog)), b"9\n"))
+    drv.apply(prog)
+    assert drv.lifetime_pulses.tolist() == [0, 3, 2, 3, 5, 5]
+    assert drv.stats.round_trips == 5 and drv.stats.resends == 0
+
+
+def test_instrument_errors_come_back_typed(script):
+    drv = connect(script)
+    script.expect((P.encode_message("READ?", block=P.encode_addresses([1])), b'!-222,"address 1 is bad"\n'))
+    with pytest.raises(InstrumentError) as e:
+        drv.read([1])
+    assert (e.value.code, e.value.message, e.value.command) == (-222, "address 1 is bad", "READ?")
+    script.expect((b"SYST:ERR?\n", b'-113,"undefined header"\n'), (b"SYST:ERR?\n", b'0,"No error"\n'))
+    assert drv.errors() == [(-113, "undefined header")]
+
+
+def test_malformed_replies_are_protocol_errors_after_retries(script):
+    drv = connect(script)
+    for _ in range(3):  # first try + 2 retries, each failure followed by reconnect + sync
+        script.expect((b"PROG:LAST?\n", b"banana\n"))
+    with pytest.raises(ProtocolError, match="banana"):
+        drv.last_program_id()
+    script.expect(*[(b"TIME?\n", b"#13abc\n")] * 3)
+    with pytest.raises(ProtocolError):
+        drv.now()
+
+
+def test_lost_reply_after_apply_is_not_resent(script):
+    """The link dies after the program went out; PROG:LAST? says it landed: no second send."""
+    drv = connect(script)
+    prog = PulseProgram(7, np.array([2]), np.array([1]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.expect((msg, Disconnected("link dropped")), (b"PROG:LAST?\n", b"7\n"), (b"PROG:LAST?\n", b"7\n"))
+    drv.apply(prog)
+    assert script.writes().count(msg) == 1
+    assert script.t.reconnect.call_count == 1 and script.syncs == 1
+    assert drv.lifetime_pulses[2] == 3
+    assert drv.stats.resends == 0
+
+
+def test_program_not_applied_before_the_drop_is_sent_again_once(script):
+    drv = connect(script)
+    prog = PulseProgram(8, np.array([0]), np.array([2]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.stale = b"a late reply\n#14\n\n\n\n\n"
+    script.expect((msg, DriverTimeout("no reply")), (b"PROG:LAST?\n", b"6\n"), (b"PROG:LAST?\n", b"6\n"),
+                  (msg, b"8\n"))
+    drv.apply(prog)
+    assert script.writes().count(msg) == 2 and drv.stats.resends == 1
+    assert drv.lifetime_pulses[0] == 2
+    assert not script.pairs
+
+
+def test_disagreeing_prog_last_answers_are_asked_again(script):
+    drv = connect(script)
+    prog = PulseProgram(8, np.array([0]), np.array([2]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.expect((msg, b"x\n"),  # a corrupted id reply
+                  (b"PROG:LAST?\n", b"6\n"), (b"PROG:LAST?\n", b"8\n"),  # disagree: recover and ask again
+                  (b"PROG:LAST?\n", b"8\n"), (b"PROG:LAST?\n", b"8\n"))
+    drv.apply(prog)
+    assert script.writes().count(msg) == 1 and script.syncs == 2 and not script.pairs
+
+
+def test_unconfirmable_program_raises_without_sending_twice(script):
+    drv = connect(script)
+    prog = PulseProgram(8, np.array([0]), np.array([2]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.expect((msg, DriverTimeout("x")), *[(b"PROG:LAST?\n", DriverTimeout("x"))] * 3)
+    with pytest.raises(Disconnected, match="cannot learn"):
+        drv.apply(prog)
+    assert script.writes().count(msg) == 1
+    assert drv.lifetime_pulses[0] == 0
+
+
+def test_refused_program_sends_nothing(script):
+    drv = connect(script)
+    n_before = script.t.write.call_count
+    bad = PulseProgram(1, np.array([0]), np.array([65]), np.array([False]))
+    with pytest.raises(SafetyViolation) as e:
+        drv.apply(bad)
+    assert e.value.limit == "max_set_pulses_per_device" and e.value.device == 0
+    assert script.t.write.call_count == n_before
+
+
+def test_host_limits_can_be_stricter_than_the_testers(mocker):
+    s = Script(mocker, HANDSHAKE)
+    strict = SafetyLimits(max_devices_per_program=1)
+    drv = Driver(s.t, limits=strict)
+    assert drv.limits == strict and drv.tester_limits == LIMITS
+    with pytest.raises(SafetyViolation, match="max_devices_per_program"):
+        drv.apply(PulseProgram(1, np.array([0, 1]), np.array([1, 1]), np.array([False, False])))
+    assert s.t.write.call_count == len(HANDSHAKE)
+
+
+def test_set_read_voltage_checks_the_error_queue(script):
+    drv = connect(script)
+    script.expect((b"READ:VOLT 0.3\n", None), (b"SYST:ERR?\n", b'0,"No error"\n'))
+    drv.set_read_voltage(0.3)
+    script.expect((b"READ:VOLT 5.0\n", None), (b"SYST:ERR?\n", b'-222,"too high"\n'))
+    with pytest.raises(InstrumentError, match="too high"):
+        drv.set_read_voltage(5.0)
+
+
+def test_close_closes_the_transport(script):
+    drv = connect(script)
+    drv.close()
+    assert script.t.close.call_args_list == [call()]
+
+
+@pytest.mark.parametrize("resource,serial", [("TCPIP::1.2.3.4::5025::SOCKET", True and False),
+                                             ("GPIB0::5::INSTR", False), ("ASRL/dev/ttyS0::INSTR", False),
+                                             ("socket://127.0.0.1:5025", True), ("/dev/pts/3", True),
+                                             ("COM3", True), ("loop://", True)])
+def test_open_picks_the_transport_by_resource(resource, serial):
+    assert is_serial_url(resource) is serial
