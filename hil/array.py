@@ -16,7 +16,7 @@ from drivers import ArrayDriver, Block, PulseProgram, PulseShapes, ReadResult
 
 from .config import ReadPolicyConfig, RefreshConfig
 from .mapping import Mapping
-from .network import Factors, WeightSource, accumulate
+from .network import Factors, WeightSource, accumulate, accumulate_rows
 
 #: Kinds of programs, as the journal names them.
 UPDATE, REFRESH, INIT = "update", "refresh", "init"
@@ -159,20 +159,19 @@ class ArrayWeights:
             chi.flat[widx] -= signed * eps
             net.flat[widx] += signed
 
-    def accumulate(self, factors: Factors) -> list[np.ndarray]:
-        """chi += -lr * A^T D per layer; returns the rows each layer touched."""
+    def accumulate(self, factors: Factors) -> list[tuple[np.ndarray, np.ndarray]]:
+        """chi += -lr * A^T D per layer; returns per layer the touched rows and their new chi values."""
         if self.total_update is not None:
             for tot, (a, d) in zip(self.total_update, factors):
                 accumulate(tot, a, d, self.lr)
-        return [accumulate(chi, a, d, self.lr) for chi, (a, d) in zip(self.chi, factors)]
+        return [accumulate_rows(chi, a, d, self.lr) for chi, (a, d) in zip(self.chi, factors)]
 
-    def plan_update(self, touched_rows: list[np.ndarray]) -> PulseProgram | None:
+    def plan_update(self, touched: list[tuple[np.ndarray, np.ndarray]]) -> PulseProgram | None:
         """The step's one program: n = min(floor(|chi| / eps), cap) SET pulses to G+ (chi > 0) or G- (chi < 0)."""
         addr_parts, count_parts = [], []
-        for lm, chi, eps, rows in zip(self.mapping.layers, self.chi, self.eps, touched_rows):
+        for lm, eps, (rows, sub) in zip(self.mapping.layers, self.eps, touched):
             if rows.size == 0:
                 continue
-            sub = chi[rows]
             q = np.abs(sub)
             q *= 1.0 / eps
             hit = np.flatnonzero(q >= 1.0)  # a flat bool scan: the cheap way to find the few weights that pulse

@@ -121,7 +121,7 @@ class LoggingConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every_steps: int = Field(1000, ge=1, description="Atomic checkpoint every N steps (and at the end).")
+    every_steps: int = Field(5000, ge=1, description="Atomic checkpoint every N steps (and at the end).")
     audit: bool = Field(False, description="Also keep the float64 sum of all updates per weight in the checkpoint "
                                            "(accounting tests: chi + eps * net SET pulses must equal it).")
 

@@ -189,9 +189,16 @@ def accumulate(target: np.ndarray, a: np.ndarray, d: np.ndarray, lr: float) -> n
     One function for chi (PCM run), weights (baseline) and the resume's roll-forward, so all three
     do the same float operations in the same order.
     """
+    return accumulate_rows(target, a, d, lr)[0]
+
+
+def accumulate_rows(target: np.ndarray, a: np.ndarray, d: np.ndarray, lr: float) -> tuple[np.ndarray, np.ndarray]:
+    """accumulate(), also returning the touched rows' new values (a copy), so a caller can scan them without a second gather."""
     rows = np.flatnonzero(np.any(a != 0.0, axis=0))
-    target[rows] += (-lr * a[:, rows]).T @ d
-    return rows
+    sub = target[rows]
+    sub += (-lr * a[:, rows]).T @ d
+    target[rows] = sub
+    return rows, sub
 
 
 Stepper = Callable[[np.ndarray, np.ndarray], StepResult]

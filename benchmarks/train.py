@@ -1,0 +1,93 @@
+"""scripts/bench train: MNIST 784-250-10 sigmoid MLP, batch 1, a few thousand samples, measured side by side:
+
+- PCM run: the mixed-precision loop on the in-process mock chip, every read and program logged to
+  HDF5 (and journaled for resume), through `start_run` exactly as `pcm-hil train` runs it;
+- the same PCM run with the HDF5 log off (the journal stays: it is part of crash safety);
+- the float64 baseline in the same harness (same Trainer loop, data order, initialization);
+- the floor: a minimal hand-written numpy float64 step of the same network (dense update).
+
+Each figure is the best of --rounds interleaved rounds (us per training sample, training loop only:
+initial programming and data loading excluded). Goals: PCM <= 2x baseline, <= 3x floor; logging adds <= 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hil.config import RunConfig
+from hil.data import epoch_order, load_dataset
+from hil.network import init_weights
+from hil.run import run_baseline, start_run
+
+
+def floor_us_per_sample(x: np.ndarray, y: np.ndarray, order: np.ndarray, lr: float, seed: int) -> float:
+    """The plainest numpy float64 SGD step of the MLP: forward, softmax cross-entropy, backward, dense update."""
+    w1, w2 = init_weights([x.shape[1], 250, 10], seed)
+    t0 = time.perf_counter()
+    for i in order:
+        xi = x[i]
+        h = 1.0 / (1.0 + np.exp(-(xi @ w1[:-1] + w1[-1])))
+        z = h @ w2[:-1] + w2[-1]
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        p[y[i]] -= 1.0
+        dh = (w2[:-1] @ p) * h * (1.0 - h)
+        w2[:-1] -= lr * np.outer(h, p)
+        w2[-1] -= lr * p
+        w1[:-1] -= lr * np.outer(xi, dh)
+        w1[-1] -= lr * dh
+    return (time.perf_counter() - t0) / len(order) * 1e6
+
+
+def pcm_us_per_sample(cfg: RunConfig, samples: int) -> tuple[float, dict]:
+    tmp = Path(tempfile.mkdtemp(prefix="pcm-hil-bench-"))
+    try:
+        s = start_run(cfg, tmp / "run", stop_after_steps=samples)
+        return s["us_per_sample"], s
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="scripts/bench train")
+    ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    n = args.samples
+    cfg = RunConfig().with_overrides(**{"data.train_limit": n, "data.test_limit": 1000, "update.epochs": 1})
+    nolog = cfg.with_overrides(**{"logging.enabled": False})
+    data = load_dataset("mnist", train_limit=n, test_limit=1000)
+    order = epoch_order(cfg.seed, 0, n)
+
+    best = {"pcm": np.inf, "pcm_nolog": np.inf, "baseline": np.inf, "floor": np.inf}
+    last = {}
+    for _ in range(args.rounds):
+        best["floor"] = min(best["floor"], floor_us_per_sample(data.x_train, data.y_train, order, cfg.update.lr, cfg.seed))
+        b = run_baseline(cfg, data)
+        best["baseline"] = min(best["baseline"], b.at.train_seconds / b.at.samples_trained * 1e6)
+        us, last = pcm_us_per_sample(cfg, n)
+        best["pcm"] = min(best["pcm"], us)
+        us, _ = pcm_us_per_sample(nolog, n)
+        best["pcm_nolog"] = min(best["pcm_nolog"], us)
+
+    r_base = best["pcm"] / best["baseline"]
+    r_floor = best["pcm"] / best["floor"]
+    r_log = best["pcm"] / best["pcm_nolog"] - 1.0
+    print(f"scripts/bench train: MNIST 784-250-10 sigmoid MLP, batch 1, {n} samples, mock chip "
+          f"(best of {args.rounds} interleaved rounds)")
+    print(f"  PCM run, every read logged   {best['pcm']:8.1f} us/sample  ({last['programs_applied']:,} programs, "
+          f"{last['reads_logged']:,} reads logged, {last['set_pulses']:,} SET pulses)")
+    print(f"  PCM run, HDF5 log off        {best['pcm_nolog']:8.1f} us/sample")
+    print(f"  float64 baseline (harness)   {best['baseline']:8.1f} us/sample")
+    print(f"  numpy float64 floor          {best['floor']:8.1f} us/sample")
+    rows = [("PCM / baseline", f"{r_base:.2f}x", "<= 2x", r_base <= 2.0),
+            ("PCM / floor", f"{r_floor:.2f}x", "<= 3x", r_floor <= 3.0),
+            ("logging overhead", f"{100 * r_log:+.1f}%", "<= 10%", r_log <= 0.10)]
+    for name, value, goal, ok in rows:
+        print(f"  {name:28s} {value:>10s}   goal {goal:7s} {'met' if ok else 'NOT MET'}")
