@@ -425,10 +425,19 @@ def _with_increments(base: PCMParams, theta: FloatArray) -> PCMParams:
     fields = dict(zip(_INC_FIELDS, (float(v) for v in theta[:7])))
     fields["history_pulses"] = max(fields["history_pulses"], 1e-3)
     fields["d2d_update_spread"] = min(math.sqrt(max(float(theta[7]), 0.0)), 0.49)
+    # An iterate may pass through a spread that is negative somewhere in the model's box (PCMParams
+    # refuses it); the simulation then runs with the offset raised just enough. The final estimate is
+    # checked as it is.
+    p_max = math.exp(-1.0 / fields["history_pulses"])
+    lowest = min(fields["set_std_slope"] * g + fields["set_std_offset_us"] + fields["set_std_history_us"] * p
+                 for g in (base.g_min_us, base.g_max_us) for p in (0.0, p_max))
+    if lowest < 0:
+        fields["set_std_offset_us"] += 1e-6 - lowest
     try:
         return base.model_copy(update=fields).model_validate(base.model_dump() | fields)
     except ValueError as e:
-        raise FitDidNotConverge("SET-increment", f"the bias correction reached an invalid model: {e}") from e
+        raise FitDidNotConverge("SET-increment", f"the bias correction reached an invalid model ({e}); measure "
+                                "more devices or more pulses") from e
 
 
 def fit_increments(p: PulseData, rn: ReadNoiseFit, bounds: Bounds, base: PCMParams, warn: Callable[[str], None],
@@ -613,6 +622,7 @@ def fit_model(data: CalibrationData, *, prior: PCMParams | None = None, bootstra
     else:
         drift_fields = {k: getattr(prior, k) for k in ("drift_t0_s", "drift_nu_mean", "drift_nu_std")}
         not_measured += list(drift_fields)
+    k = data.pulse[0].n_pulses
     fields = dict(
         g_min_us=g_min, g_max_us=bounds.g_max,
         set_mean_slope=inc.m1.value, set_mean_offset_us=inc.c1.value, set_mean_history_us=inc.a1.value,
@@ -626,8 +636,9 @@ def fit_model(data: CalibrationData, *, prior: PCMParams | None = None, bootstra
     try:
         params = PCMParams(**fields)
     except ValueError as e:
-        raise FitDidNotConverge("model", f"the fitted values do not make a valid PCMParams: {e}") from e
-    k = data.pulse[0].n_pulses
+        raise FitDidNotConverge("model", f"the fitted values do not make a valid PCMParams ({e}); with "
+                                f"{data.n_devices} devices x {k} pulses the model is not pinned down: measure more "
+                                "devices or more pulses") from e
     eps_model = granularity_us(params, n_pulses=k, n_devices=eps_devices, seed=seed)
     by_shape = [(p.shape.amplitude_ua, p.shape.width_ns, measured_eps(p)) for p in data.pulse]
     return ModelFit(params, bounds, rn, reset_mean, reset_std, inc, drift, eps_model, by_shape[0][2], by_shape,

@@ -115,10 +115,10 @@ def test_the_log_holds_exactly_what_was_read(tmp_path):
     from drivers.logged import LoggedDriver  # noqa: F401  (the run logs through it)
     from drivers.runlog import RunLogWriter
 
-    plan = CharacterizationPlan(n_pulses=6, noise_reads=5, drift_reads=6, drift_span_s=1e3,
+    plan = CharacterizationPlan(n_pulses=10, noise_reads=5, drift_reads=6, drift_span_s=1e3,
                                 set_shapes=[{"amplitude_ua": 100, "width_ns": 50}, {"amplitude_ua": 120, "width_ns": 40}])
     with RunLogWriter(tmp_path / "log.h5") as w:
-        live = run_characterization(MockDriver(10, 20, seed=4), np.arange(30, 160), plan, writer=w)
+        live = run_characterization(MockDriver(10, 40, seed=4), np.arange(30, 340), plan, writer=w)
     logged = load_calibration_log(tmp_path / "log.h5")
     assert logged.plan == plan
     np.testing.assert_array_equal(logged.addresses, live.addresses)

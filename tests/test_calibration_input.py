@@ -22,7 +22,7 @@ from drivers.runlog import RunLogWriter
 from drivers.safety import Range, SafetyLimits
 from hil.cli import app
 
-SMALL = CharacterizationPlan(n_pulses=8, noise_reads=6, drift_reads=8, drift_span_s=2e3)
+SMALL = CharacterizationPlan(n_pulses=10, noise_reads=6, drift_reads=8, drift_span_s=2e3)
 
 
 def test_too_few_devices_is_refused_before_any_pulse(tmp_path):
@@ -41,21 +41,21 @@ def test_too_few_pulses_or_reads_is_refused_by_the_plan():
 
 
 def test_pulse_budget_and_shape_limits_are_checked_up_front(tmp_path):
-    d = MockDriver(10, 20, limits=SafetyLimits(lifetime_pulse_budget=15))
+    d = MockDriver(10, 40, limits=SafetyLimits(lifetime_pulse_budget=20))
     with pytest.raises(SafetyViolation, match="lifetime_pulse_budget"):
-        characterize(d, np.arange(150), SMALL, tmp_path / "a")
+        characterize(d, np.arange(300), SMALL, tmp_path / "a")
     assert d.lifetime_pulses.sum() == 0
-    d = MockDriver(10, 20, limits=SafetyLimits(set_amplitude_ua=Range(min=10, max=90)))
+    d = MockDriver(10, 40, limits=SafetyLimits(set_amplitude_ua=Range(min=10, max=90)))
     with pytest.raises(SafetyViolation, match="set_amplitude_ua"):
-        characterize(d, np.arange(150), SMALL, tmp_path / "b")
+        characterize(d, np.arange(300), SMALL, tmp_path / "b")
     assert d.lifetime_pulses.sum() == 0 and not (tmp_path / "b").exists()
 
 
 def test_programs_are_split_to_the_per_program_pulse_limit():
-    d = MockDriver(10, 20, limits=SafetyLimits(max_set_pulses_per_device=3))
-    plan = CharacterizationPlan(n_pulses=8, noise_reads=5, drift_reads=6, drift_levels=[7])
-    data = run_characterization(d, np.arange(120), plan)
-    assert np.all(d.lifetime_pulses[:120] == 8 + 1 + 7 + 1)
+    d = MockDriver(10, 40, limits=SafetyLimits(max_set_pulses_per_device=3))
+    plan = CharacterizationPlan(n_pulses=10, noise_reads=5, drift_reads=6, drift_levels=[7])
+    data = run_characterization(d, np.arange(300), plan)
+    assert np.all(d.lifetime_pulses[:300] == 10 + 1 + 7 + 1)
     assert np.all(data.drift.levels == 7)
 
 
@@ -63,7 +63,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
     with pytest.raises(OutputExists):
-        characterize(MockDriver(10, 20), np.arange(150), SMALL, tmp_path / "out")
+        characterize(MockDriver(10, 40), np.arange(300), SMALL, tmp_path / "out")
     assert (tmp_path / "out" / "keep").read_text() == "x"
 
 
@@ -75,17 +75,17 @@ def _data(pulse: np.ndarray, noise: np.ndarray) -> CalibrationData:
 
 def test_all_zero_reads_are_named():
     with pytest.raises(InsufficientData, match="every read is zero"):
-        fit_model(_data(np.zeros((9, 200)), np.zeros((6, 200))))
+        fit_model(_data(np.zeros((11, 300)), np.zeros((6, 300))))
 
 
 def test_saturated_reads_are_named():
     with pytest.raises(InsufficientData, match="saturated"):
-        fit_model(_data(np.full((9, 200), 20.0), np.full((6, 200), 20.0)))
+        fit_model(_data(np.full((11, 300), 20.0), np.full((6, 300), 20.0)))
     # Reads that move (noise) but do not rise with the pulses.
     rng = np.random.default_rng(0)
-    g = 5 + rng.normal(0, 0.3, (9, 200))
+    g = 5 + rng.normal(0, 0.3, (11, 300))
     with pytest.raises(InsufficientData, match="do not SET the devices"):
-        fit_model(_data(g, 5 + rng.normal(0, 0.3, (6, 200))))
+        fit_model(_data(g, 5 + rng.normal(0, 0.3, (6, 300))))
 
 
 def test_drift_onset_outside_the_span_is_a_fit_that_did_not_converge():
@@ -115,8 +115,8 @@ def test_logs_of_another_kind_are_named(tmp_path):
 def test_truncated_calibration_log_is_named(tmp_path):
     # An interrupted run: the plan is in the log, the reads stop short.
     with RunLogWriter(tmp_path / "cut.h5") as w:
-        d = MockDriver(10, 20, seed=1)
-        plan = CharacterizationPlan(n_pulses=6, noise_reads=5, drift=False)
+        d = MockDriver(10, 40, seed=1)
+        plan = CharacterizationPlan(n_pulses=10, noise_reads=5, drift=False)
 
         class Stop(Exception):
             pass
@@ -135,7 +135,7 @@ def test_truncated_calibration_log_is_named(tmp_path):
 
         d.read = read_then_stop
         with pytest.raises(Stop):
-            run_characterization(d, np.arange(150), plan, writer=w)
+            run_characterization(d, np.arange(300), plan, writer=w)
     with pytest.raises(NotACalibrationLog, match="truncated or interrupted"):
         fit_log(tmp_path / "cut.h5", tmp_path / "o")
 
