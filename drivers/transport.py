@@ -89,6 +89,16 @@ class VisaTransport(Transport):
         except (pv.errors.Error, OSError, ValueError) as e:
             raise Disconnected(f"cannot open {self.resource}: {e}") from e
         self._inst = inst
+        self._widen_recv(inst)
+
+    @staticmethod
+    def _widen_recv(inst: Any) -> None:
+        # pyvisa-py's TCPIP SOCKET session receives 4 KiB per select()+recv(); a 1.6 MB block then
+        # costs ~400 system-call pairs. Its session object exposes the chunk size; other backends
+        # do not, and are left alone.
+        session = getattr(getattr(inst, "visalib", None), "sessions", {}).get(getattr(inst, "session", None))
+        if session is not None and isinstance(getattr(session, "max_recv_size", None), int):
+            session.max_recv_size = max(session.max_recv_size, 1 << 20)
 
     @staticmethod
     def _ms(seconds: float) -> int:
