@@ -145,8 +145,13 @@ class RunConfig(_Strict):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def digest(self) -> str:
-        """sha256 of the TOML form: a resume refuses a run whose config differs."""
-        return hashlib.sha256(self.to_toml().encode()).hexdigest()
+        """sha256 of the TOML form without the link settings (driver.resource, driver.timeout_s): a resume
+        refuses a run whose config differs, but a tester may come back at another address (its identity
+        is checked instead)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["driver"].pop("resource", None)
+        data["driver"].pop("timeout_s", None)
+        return hashlib.sha256(tomli_w.dumps(data).encode()).hexdigest()
 
     def with_overrides(self, **dotted: Any) -> RunConfig:
         """A copy with dotted keys replaced, e.g. {"update.epochs": 3}; validated like a file."""
