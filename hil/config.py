@@ -83,7 +83,8 @@ class MappingConfig(_Strict):
 class UpdateConfig(_Strict):
     """Mixed-precision update: chi accumulates -lr * grad; n = floor(|chi| / eps) SET pulses (capped)."""
 
-    lr: float = Field(0.03, gt=0, description="Learning rate.")
+    lr: float = Field(0.03, gt=0, description="Learning rate of the first epoch.")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="Learning rate of epoch e (0-based) = lr * lr_decay**e.")
     batch_size: int = Field(1, ge=1, le=4096)
     epochs: int = Field(1, ge=1, le=1000)
     eps: list[Annotated[float, Field(gt=0)]] | None = Field(

@@ -92,6 +92,11 @@ class Trainer:
                 array.total_update = [np.zeros_like(c) for c in array.chi]
 
     # ------------------------------------------------------------------ one step
+    def lr_for(self, epoch: int) -> float:
+        """Learning rate of a (0-based) epoch."""
+        u = self.cfg.update
+        return u.lr * u.lr_decay ** epoch
+
     def forward_backward(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         if self.model is not None:
             return module_step(self.model, x, y)
@@ -115,10 +120,11 @@ class Trainer:
         at.correct += correct
         if self.array is None:
             for w, (a, d) in zip(self.weights, res.factors):
-                accumulate(w, a, d, self.cfg.update.lr)
+                accumulate(w, a, d, self.lr_for(at.epoch))
             return
         aw = self.array
         aw.step = at.step
+        aw.lr = self.lr_for(at.epoch)
         if self.logger is not None:
             self._set_log_step(at.step)
         rows = aw.accumulate(res.factors)
@@ -383,6 +389,7 @@ def roll_forward(trainer: Trainer, journal_path: Path, reapply: bool) -> RollFor
         kind = meta["kind"]
         if kind == UPDATE:
             n_layers = len(aw.chi)
+            aw.lr = trainer.lr_for(int(meta["epoch"]))
             aw.accumulate([(arr[f"a{j}"], arr[f"d{j}"]) for j in range(n_layers)])
             at = trainer.at
             at.step, at.epoch, at.pos = int(meta["step"]), int(meta["epoch"]), int(meta["pos"])

@@ -33,6 +33,7 @@ name = "digits"
 [update]
 epochs = 3
 lr = 0.1
+lr_decay = 0.9
 [refresh]
 check_every_steps = 25
 threshold_us = 6.0
