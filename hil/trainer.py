@@ -204,7 +204,9 @@ class Trainer:
             self.array.read(None, "periodic")
         r = self.cfg.refresh
         if r.enabled and s % r.check_every_steps == 0:
-            self.array.refresh()
+            n = self.array.refresh()
+            if n and self.logger is not None:
+                self.logger.log_metrics(s, refreshed_pairs=float(n))
         if self.journal is not None and s % self.cfg.checkpoint.every_steps == 0:
             self.checkpoint()
 
@@ -212,6 +214,10 @@ class Trainer:
         acc = self.evaluate()
         train_acc = self.at.correct / max(self.at.seen, 1)
         row = {"epoch": float(self.at.epoch + 1), "test_accuracy": acc, "train_accuracy": train_acc}
+        if self.array is not None:
+            c = self.array.counters
+            row.update(refreshes=float(c.refreshes), set_pulses=float(c.set_pulses),
+                       reset_pulses=float(c.reset_pulses), programs_applied=float(c.programs_applied))
         self.metrics.append(row)
         if self.logger is not None:
             self.logger.log_metrics(self.at.step, **row)

@@ -162,3 +162,16 @@ def test_cli_train_and_its_errors(tmp_path: Path) -> None:
     r = runner.invoke(app, ["train", "--config", str(bad), "--out", str(tmp_path / "new")])
     assert r.exit_code == 2 and "update.speed: unknown key" in r.output
     assert not (tmp_path / "new").exists()
+
+
+def test_verify_refresh_reads_back_and_the_log_counts_refreshes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    s = start_run(tiny(**{"refresh.mode": "verify", "refresh.threshold_us": 4.0, "update.lr": 0.3}), run)
+    assert s["refreshes"] > 0
+    with RunLogReader(run / "run.h5") as r:
+        reasons = set(r.reads()["reason"])
+        m = r.metrics()
+        assert float(r.attrs["refresh_threshold_us"]) == 4.0
+    assert "refresh-verify" in reasons and "after-program" in reasons and "initial" in reasons
+    assert np.nansum(m["refreshed_pairs"]) == s["refreshes"]
+    assert np.nanmax(m["refreshes"]) == s["refreshes"]
