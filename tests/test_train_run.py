@@ -175,3 +175,16 @@ def test_verify_refresh_reads_back_and_the_log_counts_refreshes(tmp_path: Path) 
     assert "refresh-verify" in reasons and "after-program" in reasons and "initial" in reasons
     assert np.nansum(m["refreshed_pairs"]) == s["refreshes"]
     assert np.nanmax(m["refreshes"]) == s["refreshes"]
+
+
+def test_resume_with_a_corrupt_log_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    from drivers.runlog import RunLogError
+
+    run = tmp_path / "run"
+    start_run(tiny(), run, stop_after_steps=30)
+    log = run / "run.h5"
+    log.write_bytes(log.read_bytes()[:4096])
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(RunLogError):
+        resume_run(run)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
