@@ -305,9 +305,9 @@ def _relog_missing(s: Session, t: Trainer, rf: Any) -> None:
     s.writer.flush()
     with RunLogReader(s.writer.path) as r:
         logged = {p.program_id for _, _, p in r.programs()}
-    for p in rf.programs_applied:
+    for step, p in rf.programs_applied:
         if p.program_id not in logged:
-            s.writer.log_program(t.at.step, p)
+            s.writer.log_program(step, p)
     if rf.unapplied_program_id is not None:
         t.unapplied_program_ids.append(rf.unapplied_program_id)
         if rf.unapplied_program_id in logged:

@@ -375,7 +375,7 @@ class RollForward:
     """What a resume found in the journal."""
 
     records: int
-    programs_applied: list[PulseProgram]
+    programs_applied: list[tuple[int, PulseProgram]]  # (step it was sent at, program)
     unapplied_program_id: int | None
 
 
@@ -389,7 +389,7 @@ def roll_forward(trainer: Trainer, journal_path: Path, reapply: bool) -> RollFor
     assert aw is not None
     records = read_journal(journal_path)
     last_applied = None if reapply else aw.driver.last_program_id()
-    applied: list[PulseProgram] = []
+    applied: list[tuple[int, PulseProgram]] = []
     unapplied = None
     for i, (meta, arr) in enumerate(records):
         kind = meta["kind"]
@@ -413,8 +413,7 @@ def roll_forward(trainer: Trainer, journal_path: Path, reapply: bool) -> RollFor
         elif is_last and (last_applied is None or last_applied < prog.program_id):
             unapplied = prog.program_id
             continue
+        # (A refresh cut short is not counted in `refreshes`; its pairs are checked again later.)
         aw.account(ProgramRecord(kind, prog))
-        if kind == REFRESH:
-            pass  # refresh counts are booked per pair at the end of refresh(); a torn refresh is re-checked later
-        applied.append(prog)
+        applied.append((int(meta["step"]), prog))
     return RollForward(len(records), applied, unapplied)
