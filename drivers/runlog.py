@@ -39,7 +39,7 @@ SCHEMA_VERSION = 1
 #: what HDF5 1.10 readers (Debian's h5dump, older h5py) understand.
 LIBVER = ("v110", "v110")
 
-NAME_BYTES = 64                      # longest reason / metric name, UTF-8 bytes
+NAME_BYTES = 63                      # longest reason / metric name, ASCII characters
 DEVICE_CHUNK = 1 << 16               # rows per chunk of the per-device columns
 EVENT_CHUNK = 1 << 12                # rows per chunk of the event tables
 SMALL_CHUNK = 256                    # rows per chunk of the name and shape tables
@@ -55,7 +55,7 @@ SHAPES_ROW = np.dtype([("set_amplitude_ua", "<f8"), ("set_width_ns", "<f8"), ("r
                        ("reset_width_ns", "<f8")])
 METRIC_ROW = np.dtype([("record", "<u8"), ("seq", "<u8"), ("step", "<i8"), ("wall_s", "<f8"), ("name", "<u2"),
                        ("value", "<f8")])
-NAME = np.dtype(f"S{NAME_BYTES}")
+NAME = np.dtype(f"S{NAME_BYTES + 1}")  # stored NUL-terminated, so h5dump prints them as plain strings
 
 #: path -> (dtype, rows per chunk) of every dataset a run log has from its creation.
 DATASETS: dict[str, tuple[np.dtype, int]] = {
@@ -301,10 +301,23 @@ def _check_attr(key: str, value: Any) -> Any:
 def _encode_name(kind: str, name: str) -> bytes:
     if not isinstance(name, str) or not name:
         raise RunLogError(f"{kind} must be a non-empty string, got {name!r}")
-    b = name.encode("utf-8")
-    if len(b) > NAME_BYTES or b"\0" in b:
-        raise RunLogError(f"{kind} {name!r} is longer than {NAME_BYTES} UTF-8 bytes or holds a NUL")
-    return b
+    if len(name) > NAME_BYTES or not (name.isascii() and name.isprintable()):
+        raise RunLogError(f"{kind} {name!r} must be at most {NAME_BYTES} printable ASCII characters")
+    return name.encode("ascii")
+
+
+def _create_name_table(f: h5py.File, name: str, chunk: int) -> None:
+    """A resizable table of NUL-terminated ASCII strings (h5py alone would make them NUL-padded,
+    which h5dump prints with every padding byte)."""
+    t = h5py.h5t.C_S1.copy()
+    t.set_size(NAME.itemsize)
+    t.set_strpad(h5py.h5t.STR_NULLTERM)
+    t.set_cset(h5py.h5t.CSET_ASCII)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((chunk,))
+    space = h5py.h5s.create_simple((0,), (h5py.h5s.UNLIMITED,))
+    group = f.require_group(name.rsplit("/", 1)[0])
+    h5py.h5d.create(group.id, name.rsplit("/", 1)[1].encode(), t, space, dcpl=dcpl).close()
 
 
 _ARRAY_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
@@ -363,7 +376,10 @@ class RunLogWriter:
             f.attrs["schema_version"] = np.int64(SCHEMA_VERSION)
             f.attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             for name, (dtype, chunk) in DATASETS.items():
-                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
+                if dtype == NAME:
+                    _create_name_table(f, name, chunk)
+                else:
+                    f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
             f.create_group(ARRAYS)
         except BaseException:
             f.close()
@@ -422,8 +438,8 @@ class RunLogWriter:
 
     def _init_state(self) -> None:
         c = self._cols
-        self._reason_codes = {bytes(n).decode("utf-8"): i for i, n in enumerate(c["reads/reason_names"].ds[:])}
-        self._metric_codes = {bytes(n).decode("utf-8"): i for i, n in enumerate(c["metrics/names"].ds[:])}
+        self._reason_codes = {bytes(n).decode("ascii"): i for i, n in enumerate(c["reads/reason_names"].ds[:])}
+        self._metric_codes = {bytes(n).decode("ascii"): i for i, n in enumerate(c["metrics/names"].ds[:])}
         self._shape_codes = {tuple(float(x) for x in r): i for i, r in enumerate(c["programs/shapes"].ds[:])}
         last_seq = [int(c[t].ds[c[t].written - 1]["seq"]) for t in ("reads/events", "programs/events", "metrics/rows")
                     if c[t].written]
