@@ -12,8 +12,9 @@ from .tester import LinkStats, TesterDriver
 from .transport import SerialTransport, Transport, VisaTransport
 from .runlog import SCHEMA_VERSION, RunLogError, RunLogReader, RunLogWriter
 from .logged import LoggedDriver
+from .replay import ReplayDriver, ReplayMismatch
 
 __all__ = ["MVM", "AddressError", "ArrayDriver", "Block", "Disconnected", "DriverError", "DriverTimeout",
            "DryRunDriver", "Geometry", "LoggedDriver", "InstrumentError", "MockDriver", "MockTiming", "ProgramError", "ProtocolError",
-           "PulseProgram", "PulseShape", "PulseShapes", "Range", "ReadResult", "RunLogError", "RunLogReader",
+           "PulseProgram", "PulseShape", "PulseShapes", "Range", "ReadResult", "ReplayDriver", "ReplayMismatch", "RunLogError", "RunLogReader",
            "RunLogWriter", "SCHEMA_VERSION", "SafetyLimits", "SafetyViolation"]

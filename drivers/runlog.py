@@ -749,6 +749,14 @@ class RunLogReader:
                 "wall_s": np.repeat(ev["wall_s"], counts), "address": addr.astype(np.int64),
                 "conductance_us": g, "reason": np.repeat(names[ev["reason"]] if len(ev) else names, counts)}
 
+    def read_devices(self, start: int, stop: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Flat per-device rows start..stop-1 of the reads: (addresses, conductances in uS)."""
+        def rows() -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+            n = min(self._ds["reads/address"].shape[0], self._ds["reads/conductance_us"].shape[0])
+            return (self._ds["reads/address"][start:min(stop, n)].astype(np.int64),
+                    self._ds["reads/conductance_us"][start:min(stop, n)])
+        return self._guard(rows)
+
     def program_events(self) -> dict[str, np.ndarray]:
         """Per program: seq, program_id, step, t_s (s, NaN: not recorded), wall_s, shapes (code), start, count."""
         ev = self._program_table()
