@@ -74,7 +74,7 @@ class MappingConfig(_Strict):
 
     beta: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="Weight units per uS, one per layer; default: w_max / g_range_us per layer.")
-    w_max: list[Annotated[float, Field(gt=0)]] = Field([1.0, 2.0], description="Largest |weight| per layer (used for the default beta); the last value repeats.")
+    w_max: list[Annotated[float, Field(gt=0)]] = Field([0.5, 1.0], description="Largest |weight| per layer (used for the default beta); the last value repeats.")
     g_range_us: float = Field(8.0, gt=0, description="Usable conductance range of one device, uS.")
     row0: int = Field(0, ge=0, description="First array row used.")
     col0: int = Field(0, ge=0, description="First array column used.")
@@ -84,7 +84,7 @@ class UpdateConfig(_Strict):
     """Mixed-precision update: chi accumulates -lr * grad; n = floor(|chi| / eps) SET pulses (capped)."""
 
     lr: float = Field(0.03, gt=0, description="Learning rate of the first epoch.")
-    lr_decay: float = Field(1.0, gt=0, le=1, description="Learning rate of epoch e (0-based) = lr * lr_decay**e.")
+    lr_decay: float = Field(0.8, gt=0, le=1, description="Learning rate of epoch e (0-based) = lr * lr_decay**e.")
     batch_size: int = Field(1, ge=1, le=4096)
     epochs: int = Field(1, ge=1, le=1000)
     eps: list[Annotated[float, Field(gt=0)]] | None = Field(

@@ -50,7 +50,7 @@ def test_eps_defaults_to_granularity_times_beta() -> None:
     c = RunConfig()
     model = chip_model(c)
     b = betas(c, 2)
-    assert b == [1.0 / 8.0, 2.0 / 8.0]
+    assert b == [0.5 / 8.0, 1.0 / 8.0]
     assert eps_per_layer(c, model, b) == pytest.approx([granularity_us() * x for x in b])
 
 

@@ -20,7 +20,7 @@ from hil.trainer import CheckpointError
 
 TINY = {"data.name": "digits", "network.hidden": [16], "update.epochs": 1, "data.train_limit": 300,
         "refresh.check_every_steps": 20, "refresh.threshold_us": 6.0, "read_policy.every_steps": 100,
-        "checkpoint.every_steps": 100}
+        "checkpoint.every_steps": 100, "update.lr": 0.1, "update.lr_decay": 1.0, "mapping.w_max": [1.0, 2.0]}
 
 
 def tiny(**extra: object) -> RunConfig:
