@@ -149,6 +149,11 @@ def test_kill_9_keeps_every_flushed_row_and_the_log_reopens(tmp_path, writer):
         assert seen["reads"] == 40 * seen["read_events"]
         assert np.array_equal(r.reads()["address"], _expected_addresses(range(seen["read_events"])))
         assert [p.program_id for _, _, p in r.programs()] == list(range(1, seen["programs"] + 1))
+    # A killed writer's file cut short is refused with a clear error, not read as garbage.
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(RunLogError, match="truncated"):
+        RunLogReader(cut)
     # Append after the crash: the dead writer's marks are cleared, every surviving row is kept.
     w2 = writer(append=True)
     assert w2.counts["read_events"] == seen["read_events"]
