@@ -669,35 +669,41 @@ class RunLogReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._f: h5py.File | None = None
+        self._open()
+
+    def _open(self) -> None:
         if not self.path.is_file():
             raise RunLogError(f"no run log at {self.path}")
         _check_not_truncated(self.path)
         try:
-            self._f = h5py.File(self.path, "r", swmr=True)
+            f = h5py.File(self.path, "r", swmr=True)
         except (OSError, ValueError, RuntimeError) as e:
             if "superblock version" not in str(e) and "SWMR" not in str(e):
                 raise RunLogError(_describe_open_error(self.path, e)) from e
             # Not a SWMR-capable file: surely not a run log, but let the schema check say so.
-            self._f = _open_h5(self.path, "r")
+            f = _open_h5(self.path, "r")
         try:
-            check_schema(self._f, self.path)
-            self.attrs: dict[str, Any] = {k: _attr_value(v) for k, v in self._f.attrs.items()}
-            self._ds = {name: self._f[name] for name in DATASETS}
+            check_schema(f, self.path)
+            self.attrs: dict[str, Any] = {k: _attr_value(v) for k, v in f.attrs.items()}
+            self._ds = {name: f[name] for name in DATASETS}
         except BaseException:
-            self._f.close()
+            f.close()
             raise
+        self._f = f
         self._read_names()
 
     # ------------------------------------------------------------------ following a live log
     def refresh(self) -> None:
-        """See the rows (and attributes) flushed since this reader opened or last refreshed."""
-        self._guard(self._refresh)
+        """See what was flushed since this reader opened or last refreshed: rows, attributes, arrays.
 
-    def _refresh(self) -> None:
-        for ds in self._ds.values():
-            ds.refresh()
-        self.attrs = {k: _attr_value(v) for k, v in self._f.attrs.items()}
-        self._read_names()
+        Reopens the file (a few milliseconds), because SWMR refreshes datasets but not the root
+        group's attributes or new arrays.
+        """
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._open()
 
     def _guard(self, fn: Any, *args: Any) -> Any:
         try:
@@ -822,7 +828,9 @@ class RunLogReader:
                 "program_devices": int(pev["count"].sum()), "metrics": len(np.unique(m["record"]))}
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
     def __enter__(self) -> RunLogReader:
         return self

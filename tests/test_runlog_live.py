@@ -41,6 +41,10 @@ WRITER = textwrap.dedent("""
                 step += 1
         elif cmd == "flush":
             w.flush()
+        elif cmd == "attr":
+            w.set_attrs(**{arg[0]: arg[1]})
+        elif cmd == "array":
+            w.write_array(arg[0], np.arange(int(arg[1])))
         elif cmd == "sleep":
             time.sleep(float(arg[0]))
         elif cmd == "quit":
@@ -114,6 +118,11 @@ def test_a_live_reader_follows_the_running_writer(tmp_path, writer):
             assert live.counts["programs"] == 700 * k
             flat = live.reads()
             assert np.array_equal(flat["address"], _expected_addresses(range(700 * k)))
+        w.do("attr identity TESTER-7")
+        w.do("array mapping/x 5")
+        live.refresh()
+        assert live.attrs["identity"] == "TESTER-7"
+        assert np.array_equal(live.array("mapping/x"), np.arange(5))
         w.do("batch 5")                                 # buffered, not flushed: a reader may not see it yet
         live.refresh()
         assert 2100 <= live.counts["read_events"] <= 2105
