@@ -8,7 +8,6 @@ device's remaining pulse budget; nothing is sent when it does not fit.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from drivers.program import PulseProgram, PulseShape, PulseShapes
 
 from .data import (ADDRESSES_ARRAY, LEVELS_ARRAY, MIN_DEVICES, PLAN_ATTR, REASON_DRIFT, REASON_NOISE, REASON_PULSE,
                    T_PROG_ATTR, CalibrationData, CharacterizationPlan, DriftData, NoiseData, PulseData)
-from .errors import InsufficientData
+from .errors import CalibrationError, InsufficientData
 
 Wait = Callable[[float], None]
 
@@ -109,6 +108,18 @@ def wait_for(driver: ArrayDriver) -> Wait:
     return time.sleep
 
 
+def check_clock_follows_wait(driver: ArrayDriver, wait: Wait, probe_s: float = 0.2) -> None:
+    """Refuse a drift experiment when wait(s) does not move the driver's clock (e.g. an emulated tester,
+    whose simulated clock stands still while the host sleeps): its reads would all come at once."""
+    t = driver.now()
+    wait(probe_s)
+    moved = driver.now() - t
+    if moved < 0.5 * probe_s:
+        raise CalibrationError(f"waiting {probe_s} s moved {driver.identity!r}'s clock by only {moved:.3g} s: drift "
+                               "cannot be measured on this driver (an emulated tester keeps simulated time); run "
+                               "without the drift experiment (--no-drift)")
+
+
 class _Session:
     """The driver the experiments talk to, its read log, program ids and progress."""
 
@@ -164,11 +175,13 @@ class _Session:
 
 
 def run_characterization(driver: ArrayDriver, addresses: npt.ArrayLike, plan: CharacterizationPlan, *,
-                         writer=None, wait: Wait | None = None, progress: Progress | None = None) -> CalibrationData:
+                         writer=None, wait: Wait | None = None, progress: Progress | None = None,
+                         check_clock: bool = True) -> CalibrationData:
     """Run pulse response (per SET shape), read noise and drift on addresses; return what was read.
 
     writer: a drivers.runlog.RunLogWriter; every read and program goes to it through LoggedDriver.
-    wait(seconds) lets time pass between drift reads (default: wait_for(driver)).
+    wait(seconds) lets time pass between drift reads (default: wait_for(driver)); check_clock=False skips
+    the check that it moves the driver's clock (benchmarks that time the reads only).
     """
     addr = driver.geometry.check_addresses(addresses)
     check_feasible(driver, plan, addr)
@@ -184,6 +197,8 @@ def run_characterization(driver: ArrayDriver, addresses: npt.ArrayLike, plan: Ch
     else:
         session = _Session(driver, progress)
     wait = wait if wait is not None else wait_for(driver)
+    if plan.drift and check_clock:
+        check_clock_follows_wait(driver, wait)
     pulse: list[PulseData] = []
     noise: NoiseData | None = None
     for i, shape in enumerate(plan.set_shapes):
@@ -253,7 +268,3 @@ def plan_summary(plan: CharacterizationPlan, c: Cost) -> str:
              f"{plan.levels()} SET pulses" if plan.drift else "no drift experiment")
     return (f"pulse response: RESET, {plan.n_pulses} SET pulses one at a time ({shapes}); read noise: "
             f"{plan.noise_reads} reads after RESET and after the train; {drift}.\nCost: {c.describe()}.")
-
-
-def plan_json(plan: CharacterizationPlan) -> str:
-    return json.dumps(plan.model_dump(), sort_keys=True)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from calibration.data import CalibrationData, CharacterizationPlan, NoiseData, PulseData
-from calibration.errors import FitDidNotConverge, InsufficientData, NotACalibrationLog, OutputExists
+from calibration.errors import CalibrationError, FitDidNotConverge, InsufficientData, NotACalibrationLog, OutputExists
 from calibration.experiments import run_characterization
 from calibration.fit import CalibrationWarning, fit_model
 from calibration.run import characterize, fit_log
@@ -176,3 +176,10 @@ def test_characterize_over_the_emulated_tester_matches_the_in_process_chip(tmp_p
     np.testing.assert_array_equal(res.data.noise.after_pulses_us, local.noise.after_pulses_us)
     assert res.fit.not_measured == ["drift_t0_s", "drift_nu_mean", "drift_nu_std"]
     assert (tmp_path / "chip" / "pcm.toml").is_file()
+
+
+def test_drift_is_refused_where_waiting_does_not_move_the_clock(tmp_path):
+    d = MockDriver(10, 40)
+    with pytest.raises(CalibrationError, match="--no-drift"):
+        run_characterization(d, np.arange(300), SMALL, wait=lambda s: None)
+    assert d.lifetime_pulses.sum() == 0
