@@ -99,3 +99,16 @@ def test_past_the_end_and_logs_without_geometry(tmp_path):
         assert np.array_equal(r.read(np.array([1, 2])).conductances_us, [3.0, 4.0])
         with pytest.raises(ReplayMismatch, match="all 1 logged operations"):
             r.read(np.array([1, 2]))
+
+
+def test_a_replay_logged_again_gives_the_same_log(tmp_path):
+    path, _ = _record(tmp_path, steps=6)
+    again = tmp_path / "again.h5"
+    with ReplayDriver(path) as r, RunLogWriter(again) as w:
+        _session(LoggedDriver(r, w), np.random.default_rng(9), 6)
+    from drivers import RunLogReader
+    with RunLogReader(path) as a, RunLogReader(again) as b:
+        for key in ("step", "t_s", "address", "conductance_us", "reason"):
+            assert np.array_equal(a.reads()[key], b.reads()[key])
+        assert [(s, t, p.program_id) for s, t, p in a.programs()] == [(s, t, p.program_id) for s, t, p in b.programs()]
+        assert b.attrs["driver_identity"].startswith("replay of pcm-hil,MockDriver")
