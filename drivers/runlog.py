@@ -121,8 +121,7 @@ class _Column:
         whole = (k - room) // self.chunk * self.chunk
         if whole:
             # Whole chunks go to the file straight from the caller's array, no copy through the buffer.
-            self._resize(self.base + whole)
-            self.ds[self.base:self.base + whole] = values[room:room + whole].astype(self.ds.dtype, copy=False)
+            self._write(self.base, self.base + whole, values[room:room + whole].astype(self.ds.dtype, copy=False))
             self.base += whole
             self.written = self.base
         rest = k - room - whole
@@ -131,21 +130,24 @@ class _Column:
 
     def flush(self) -> None:
         if self.total > self.written:
-            self._resize(self.total)
-            self.ds[self.base:self.total] = self.buf[:self.fill]
+            self._write(self.base, self.total, self.buf[:self.fill])
             self.written = self.total
 
     def _write_buffer(self) -> None:
         end = self.base + self.chunk
-        self._resize(end)
-        self.ds[self.base:end] = self.buf
+        self._write(self.base, end, self.buf)
         self.base = end
         self.fill = 0
         self.written = end
 
-    def _resize(self, n: int) -> None:
-        if self.ds.shape[0] != n:
-            self.ds.resize((n,))
+    def _write(self, start: int, stop: int, rows: np.ndarray) -> None:
+        try:
+            if self.ds.shape[0] != stop:
+                self.ds.resize((stop,))
+            self.ds[start:stop] = rows
+        except (OSError, RuntimeError) as e:
+            raise RunLogError(f"writing {self.ds.name} of run log {self.ds.file.filename} failed "
+                              f"(disk full? file removed?): {e}") from e
 
 
 # ---------------------------------------------------------------------------------------- file helpers
@@ -469,6 +471,8 @@ class RunLogWriter:
         if a.ndim != 1 or g.shape != a.shape:
             raise RunLogError(f"a read needs 1-D addresses and conductances of one length, got shapes "
                               f"{a.shape} and {g.shape}")
+        if g.size and g.dtype.kind not in "fiu":
+            raise RunLogError(f"conductances must be numbers (uS), got dtype {g.dtype}")
         if a.size and not (np.issubdtype(a.dtype, np.integer) and 0 <= int(a.min()) and int(a.max()) <= U32_MAX):
             raise RunLogError(f"read addresses must be integers in 0 .. {U32_MAX}")
         self._log_reads(step, t_s, a, g, reason, wall_s)
@@ -577,10 +581,13 @@ class RunLogWriter:
     def flush(self) -> None:
         """Write every buffered row and make it visible to readers (and durable against a kill -9)."""
         self._check_open()
-        # Devices and names first, events last: a reader that sees an event finds what it points to.
-        for col in self._cols.values():
-            col.flush()
-        self._f.flush()
+        try:
+            # Devices and names first, events last: a reader that sees an event finds what it points to.
+            for col in self._cols.values():
+                col.flush()
+            self._f.flush()
+        except (OSError, RuntimeError) as e:
+            raise RunLogError(f"writing run log {self.path} failed (disk full? file removed?): {e}") from e
         self._next_flush = time.monotonic() + self.flush_interval_s
 
     def _maybe_flush(self) -> None:

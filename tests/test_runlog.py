@@ -246,6 +246,7 @@ def test_not_hdf5_at_all(tmp_path):
     (lambda w: w.log_reads(0, 0.0, np.array([2**32]), np.ones(1, np.float32), "x"), "0 .."),
     (lambda w: w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), ""), "non-empty"),
     (lambda w: w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), "x" * 65), "at most 63 printable ASCII"),
+    (lambda w: w.log_reads(0, 0.0, np.arange(2), np.array(["a", "b"]), "x"), "must be numbers"),
     (lambda w: w.log_metrics(0), "at least one"),
     (lambda w: w.log_metrics(0, acc="high"), "must be a number"),
     (lambda w: w.set_attrs(schema="mine"), "set by the run log"),
