@@ -28,8 +28,6 @@ from .errors import FitDidNotConverge, InsufficientData
 
 FloatArray = npt.NDArray[np.float64]
 
-#: Share of reads at a bound above which a pulse-number group is left out of the increment fits.
-GROUP_CLIP_LIMIT = 0.01
 #: Drift is fitted on devices whose relative read noise s(G)/G is below this (others carry no drift signal).
 DRIFT_MAX_REL_NOISE = 0.1
 
@@ -89,8 +87,7 @@ class IncrementFit:
     c2: Estimate
     a2: Estimate
     d2d: Estimate
-    rows_used: int
-    groups_dropped: list[int]
+    rows_used: int  # increments used (neither read at a bound)
 
 
 @dataclass(frozen=True)
@@ -278,7 +275,6 @@ class _Rows:
     v: FloatArray  # read-noise variance of the read after (N, K)
     mask: npt.NDArray[np.bool_]
     n: FloatArray  # pulse numbers 1..K (K,)
-    dropped: list[int]
 
 
 def _rows(p: PulseData, rn: ReadNoiseFit, bounds: Bounds) -> _Rows:
@@ -286,7 +282,7 @@ def _rows(p: PulseData, rn: ReadNoiseFit, bounds: Bounds) -> _Rows:
     x, end = r[:, :-1], r[:, 1:]
     clipped = bounds.clipped(x) | bounds.clipped(end)
     return _Rows(x, end - x, rn.sd(x) ** 2, rn.sd(end) ** 2, ~clipped,
-                 np.arange(1, p.n_pulses + 1, dtype=np.float64), [])
+                 np.arange(1, p.n_pulses + 1, dtype=np.float64))
 
 
 def _group_sums(rows: _Rows, w: FloatArray) -> FloatArray:
@@ -496,7 +492,7 @@ def fit_increments(p: PulseData, rn: ReadNoiseFit, bounds: Bounds, base: PCMPara
     else:
         d2d = Estimate(math.sqrt(d2d_var), d2d_var_se / (2 * math.sqrt(d2d_var)))
     e = [Estimate(float(v), float(s)) for v, s in zip(theta, se)]
-    return IncrementFit(e[0], e[1], e[2], e[3], e[4], e[5], e[6], d2d, int(rows.mask.sum()), [])
+    return IncrementFit(e[0], e[1], e[2], e[3], e[4], e[5], e[6], d2d, int(rows.mask.sum()))
 
 
 # ---------------------------------------------------------------------------------------------- drift
