@@ -269,7 +269,10 @@ class _WriterLock:
     OFFSET = 1 << 62
 
     def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDWR)
+        try:
+            self.fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise RunLogError(f"cannot open run log {path} for writing: {e.strerror}") from e
         if not hasattr(fcntl, "F_OFD_SETLK"):  # not Linux: no liveness check, HDF5's flags still guard
             return
         lk = struct.pack("hh4xqqi4x", fcntl.F_WRLCK, os.SEEK_SET, self.OFFSET, 1, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -283,3 +285,14 @@ def test_a_second_writer_on_a_live_log_is_refused(tmp_path):
         w.log_reads(1, 0.0, np.arange(2), np.ones(2, np.float32), "x")
     with RunLogReader(path) as r:
         assert r.counts["read_events"] == 2
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only file")
+def test_a_read_only_log_cannot_be_appended_to(tmp_path):
+    path = tmp_path / "run.h5"
+    RunLogWriter(path).close()
+    path.chmod(0o444)
+    with pytest.raises(RunLogError, match="cannot open run log .* for writing"):
+        RunLogWriter(path, append=True)
+    with RunLogReader(path) as r:
+        assert r.counts["reads"] == 0
