@@ -250,7 +250,7 @@ def _clear_writer_marks(path: Path) -> None:
     lib.H5Pset.restype = ctypes.c_int
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
-    flag = ctypes.c_uint32(1)  # hbool_t is 1 byte or 4; a little-endian 1 reads as true either way
+    flag = (ctypes.c_uint8 * 4)(1, 1, 1, 1)  # true whether hbool_t is 1 byte or 4, on any byte order
     if lib.H5Pset(fapl.id, b"clear_status_flags", ctypes.byref(flag)) < 0:
         raise RunLogError(f"run log {path} was left open by a writer that died; run `h5clear -s {path}` and retry")
     try:
