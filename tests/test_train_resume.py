@@ -59,7 +59,7 @@ def _kill_at_random(proc: subprocess.Popen, run_dir: Path, rng: np.random.Genera
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(float(rng.uniform(0.0, 1.2)))
+    time.sleep(float(rng.uniform(0.02, 0.5)))
     if proc.poll() is not None:
         return False
     os.kill(proc.pid, signal.SIGKILL)
