@@ -82,6 +82,7 @@ def characterize_cmd(
     rows: Annotated[Optional[int], typer.Option(min=1, help="Mock only: array rows (default: enough for the devices).")] = None,
     cols: Annotated[Optional[int], typer.Option(min=1, help="Mock only: array columns (default: min(devices, 1000)).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the uncertainties.")] = 40,
+    prior: Annotated[Optional[Path], typer.Option(help="PCM parameters (TOML) for what is not measured (drift with --no-drift).")] = None,
     timeout: Annotated[float, typer.Option(help="Tester reply timeout, s.")] = 10.0,
 ) -> None:
     """Characterize a chip (pulse response, read noise, drift), fit the PCM model, derive eps."""
@@ -95,6 +96,7 @@ def characterize_cmd(
     from calibration.run import characterize
     from drivers.errors import DriverError
     from drivers.runlog import RunLogError
+    from sim import PCMParams
 
     if out.exists():
         console.print(f"[red]error:[/red] {out} exists already; choose a new folder (nothing is overwritten)")
@@ -117,7 +119,8 @@ def characterize_cmd(
         console.print(f"{drv.identity}\n{plan_summary(plan, cost)}")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
-            result = characterize(drv, addr, plan, out, progress=progress, bootstrap=bootstrap, seed=seed)
+            result = characterize(drv, addr, plan, out, progress=progress, bootstrap=bootstrap, seed=seed,
+                                  prior=PCMParams.from_toml(prior) if prior else None)
     except (CalibrationError, DriverError, RunLogError) as e:
         console.print(f"[red]error:[/red] {e}")
         if (out / "calibration.h5").exists():

@@ -60,6 +60,17 @@ def test_every_fitted_parameter_is_within_its_tolerance(result):
     assert not bad, f"outside {z:.2f} standard errors (fitted, true, se): {bad}"
 
 
+def test_the_tolerances_tell_another_chip_apart(result):
+    """The same tolerances reject the default chip's parameters: the check above can fail."""
+    res, _ = result
+    se = res.fit.uncertainties()
+    other = PCMParams()
+    fields = [k for k in PCMParams.model_fields if k not in ("g_min_us", "g_max_us")]
+    z = _z(len(fields))
+    rejected = [k for k in fields if abs(getattr(res.fit.params, k) - getattr(other, k)) > z * se[k]]
+    assert len(rejected) >= len(fields) - 2, rejected
+
+
 def test_standard_errors_follow_from_the_number_of_devices(result):
     res, _ = result
     se = res.fit.uncertainties()
