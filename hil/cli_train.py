@@ -100,8 +100,8 @@ def train_cmd(
                 raise ConfigError("a resume uses the run's own config.toml; --epochs/--data/--*-limit are refused")
             run_dir = resume
             cfg_total = load_config(resume / "config.toml")
-            runner = lambda bar: resume_run(resume, config=given, driver=driver if driver != "mock" else None,  # noqa: E731
-                                            baseline=baseline, progress=bar)
+            runner = lambda bar: resume_run(resume, config=given, driver=driver, baseline=baseline,  # noqa: E731
+                                            progress=bar)
         else:
             cfg = load_config(config) if config is not None else RunConfig()
             over: dict[str, Any] = {}

@@ -261,7 +261,11 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
     if config is not None and config.digest() != cfg.digest():
         raise CheckpointError(f"the given config differs from {run_dir / CONFIG_FILE}; a run resumes with its own config")
     if driver is not None:
-        cfg = cfg.with_overrides(**{"driver.resource": driver}) if cfg.driver.kind != "mock" else cfg
+        if (driver == "mock") != (cfg.driver.kind == "mock"):
+            raise CheckpointError(f"the run was made on {'the in-process mock chip' if cfg.driver.kind == 'mock' else 'a tester'}; "
+                                  f"--driver {driver} cannot continue it (a run resumes on its own chip)")
+        if driver != "mock":
+            cfg = cfg.with_overrides(**{"driver.resource": driver})
     meta, arrays = load_checkpoint(run_dir)  # before touching anything
     data = _load_data(cfg)
     model = chip_model(cfg)

@@ -188,3 +188,10 @@ def test_resume_with_a_corrupt_log_is_refused_and_nothing_changes(tmp_path: Path
     with pytest.raises(RunLogError):
         resume_run(run)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_of_a_mock_run_refuses_a_tester(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    start_run(tiny(), run, stop_after_steps=10)
+    with pytest.raises(CheckpointError, match="its own chip"):
+        resume_run(run, driver="TCPIP::127.0.0.1::5025::SOCKET")
