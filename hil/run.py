@@ -308,7 +308,7 @@ def _relog_missing(s: Session, t: Trainer, rf: Any) -> None:
 
     s.writer.flush()
     with RunLogReader(s.writer.path) as r:
-        logged = {p.program_id for _, _, p in r.programs()}
+        logged = set(r.program_events()["program_id"].tolist())
     for step, p in rf.programs_applied:
         if p.program_id not in logged:
             s.writer.log_program(step, p)
