@@ -246,6 +246,9 @@ class Emulator:
             raise _Refused(P.ErrorCode.DATA_TYPE_ERROR, str(e)) from None
         except DriverError as e:
             raise _Refused(P.ErrorCode.DEVICE_ERROR, str(e)) from None
+        except (ArithmeticError, ValueError, TypeError, IndexError, KeyError) as e:
+            # The array behind the emulator failed on this input: report it and keep serving.
+            raise _Refused(P.ErrorCode.DEVICE_ERROR, f"{type(e).__name__}: {e}") from None
         raise _Refused(P.ErrorCode.UNDEFINED_HEADER, f"{h} has no handler")  # table and handlers disagree
 
     def _sync(self, token: str) -> bytes:
@@ -272,7 +275,11 @@ class Emulator:
         self.last_program_id = program.program_id
         self.last_shapes = program.shapes
         # Durable before acknowledged: a crash after this point still answers PROG:LAST? right.
-        self.save()
+        try:
+            self.save()
+        except (OSError, DriverError) as e:
+            # The program did run; saying otherwise would invite a second application.
+            self.push_error(P.ErrorCode.DEVICE_ERROR, f"program {program.program_id} applied but not saved: {e}")
         return _line(str(program.program_id))
 
     # ------------------------------------------------------------------ state

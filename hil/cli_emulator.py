@@ -48,9 +48,16 @@ def emulator_cmd(
     lim = SafetyLimits.model_validate(tomllib.loads(limits.read_text())) if limits else None
     faults = FaultPlan(lose=fault_lose, drop=fault_drop, delay=fault_delay, corrupt=fault_corrupt, error=fault_error,
                        delay_s=fault_delay_s, seed=fault_seed)
+    from drivers import DriverError
+
     driver = MockDriver(rows, cols, params=p, seed=seed, limits=lim)
-    server = Server(Emulator(driver, faults=faults, state_path=state), Endpoint.parse("pty" if pty else listen))
-    server.bind()
+    try:
+        endpoint = Endpoint.parse("pty" if pty else listen)
+        server = Server(Emulator(driver, faults=faults, state_path=state), endpoint)
+        server.bind()
+    except (DriverError, ValueError, OSError) as e:
+        typer.echo(f"pcm-hil emulator: {e}", err=True)
+        raise typer.Exit(2) from None
 
     def _stop(signum: int, frame: object) -> None:
         server.stop()
@@ -93,7 +100,14 @@ class EmulatorProcess:
             raise RuntimeError(f"emulator printed no ready line within {timeout_s} s")
         line = self.proc.stdout.readline()
         if not line.startswith(READY_PREFIX):
-            err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
+            err = ""
+            if not line:  # stdout closed: the emulator is exiting; its stderr says why
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+                if self.proc.poll() is not None and self.proc.stderr is not None:
+                    err = self.proc.stderr.read()
             self.stop()
             raise RuntimeError(f"emulator did not start: {line!r} {err[-2000:]}")
         return line.split()[2]

@@ -179,3 +179,38 @@ def test_ten_thousand_programs_with_faults_end_in_the_fault_free_state():
     assert emulator.driver.now() == reference.now()
     # Every kind of fault happened and was survived.
     assert refused > 50 and drv.stats.reconnects > 150 and drv.stats.resends > 0
+
+
+def test_serve_wraps_any_driver_and_stops_cleanly():
+    from drivers import DryRunDriver
+    from drivers.server import serve
+
+    inner = MockDriver(2, 2, seed=1)
+    dry = DryRunDriver(inner)
+    ready: list[Server] = []
+    thread = threading.Thread(target=serve, args=(dry, "127.0.0.1:0"), kwargs={"on_ready": ready.append}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if ready:
+            break
+        threading.Event().wait(0.01)
+    server = ready[0]
+    try:
+        with Driver.open(f"socket://{server.address}", timeout_s=10) as drv:
+            assert drv.identity.endswith("(dry-run of pcm-hil;MockDriver;2x2;seed=1)")
+            drv.apply(PulseProgram(3, np.array([1]), np.array([2]), np.array([False])))
+            assert drv.last_program_id() == 3
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert [p.program_id for p in dry.programs] == [3] and inner.last_program_id() is None
+
+
+def test_a_state_file_of_another_geometry_is_refused_clearly(tmp_path):
+    state = tmp_path / "chip.npz"
+    with EmulatorProcess([*ARGS, "--state", str(state)]):
+        pass
+    assert state.exists()
+    with pytest.raises(RuntimeError, match="holds 42 devices, the emulator has 4"):
+        EmulatorProcess(["--rows", "2", "--cols", "2", "--state", str(state)])
