@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from drivers import InstrumentError, MockDriver, PulseProgram, SafetyLimits
 from drivers import TesterDriver as Driver
@@ -214,3 +215,22 @@ def test_a_state_file_of_another_geometry_is_refused_clearly(tmp_path):
     assert state.exists()
     with pytest.raises(RuntimeError, match="holds 42 devices, the emulator has 4"):
         EmulatorProcess(["--rows", "2", "--cols", "2", "--state", str(state)])
+
+
+@pytest.fixture(scope="module")
+def fuzz_target():
+    with EmulatorProcess(ARGS) as emu:
+        yield emu
+
+
+@settings(max_examples=25)
+@given(st.lists(st.binary(max_size=60) | st.sampled_from(
+    [b"\n", b"READ? #", b"PROG:APPL? #3", b"*IDN?", b"READ:VOLT ", b"SYST:ERR?\n", b"#9", b"\r\n"]), max_size=10))
+def test_fuzzed_bytes_over_a_real_socket_leave_the_emulator_serving(fuzz_target, chunks):
+    host, port = fuzz_target.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"".join(chunks))
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        with s.makefile("rb") as f:
+            s.sendall(b"*CLS\n*IDN?\n")
+            assert f.readline().startswith(b"pcm-hil,emulator,")
