@@ -60,10 +60,7 @@ class TesterDriver(ArrayDriver):
         super().__init__(geometry, limits if limits is not None else tester_limits)
         self.tester_limits = tester_limits
         if seed_lifetime:
-            counts = P.decode_counts(self._query_block("LIFE:ALL?"))
-            if counts.size != geometry.n_devices:
-                raise ProtocolError(f"LIFE:ALL? gave {counts.size} counts for {geometry.n_devices} devices")
-            self._lifetime_pulses[:] = counts
+            self._lifetime_pulses[:] = self._query_block("LIFE:ALL?", parse=self._counts_of(geometry.n_devices))
 
     @classmethod
     def open(cls, resource: str, *, timeout_s: float = 5.0, backend: str = "@py", baudrate: int = 115200,
@@ -93,13 +90,16 @@ class TesterDriver(ArrayDriver):
 
     # ------------------------------------------------------------------ the contract
     def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult:
+        def decode(payload: bytes) -> tuple[float, npt.NDArray[np.float32]]:
+            t_s, g = P.decode_read_reply(payload)
+            if g.size != addresses.size:
+                raise ProtocolError(f"read of {addresses.size} devices answered {g.size} conductances")
+            return t_s, g
+
         if whole:
-            payload = self._query_block("READ:ALL?")
+            t_s, g = self._query_block("READ:ALL?", parse=decode)
         else:
-            payload = self._query_block("READ?", block=P.encode_addresses(addresses))
-        t_s, g = P.decode_read_reply(payload)
-        if g.size != addresses.size:
-            raise ProtocolError(f"read of {addresses.size} devices answered {g.size} conductances")
+            t_s, g = self._query_block("READ?", block=P.encode_addresses(addresses), parse=decode)
         return ReadResult(addresses, g, t_s)
 
     def _apply(self, program: PulseProgram) -> None:
@@ -154,12 +154,18 @@ class TesterDriver(ArrayDriver):
         """Pulses (SET + RESET) the tester counted per device of addresses (all devices if None)."""
         self._check_open()
         if addresses is None:
-            return P.decode_counts(self._query_block("LIFE:ALL?"))
+            return self._query_block("LIFE:ALL?", parse=self._counts_of(self.geometry.n_devices))
         a = self.geometry.check_addresses(addresses, unique=False)
-        counts = P.decode_counts(self._query_block("LIFE?", block=P.encode_addresses(a)))
-        if counts.size != a.size:
-            raise ProtocolError(f"LIFE? of {a.size} devices answered {counts.size} counts")
-        return counts
+        return self._query_block("LIFE?", block=P.encode_addresses(a), parse=self._counts_of(a.size))
+
+    @staticmethod
+    def _counts_of(n: int) -> Callable[[bytes], npt.NDArray[np.int64]]:
+        def decode(payload: bytes) -> npt.NDArray[np.int64]:
+            counts = P.decode_counts(payload)
+            if counts.size != n:
+                raise ProtocolError(f"asked for the lifetime counts of {n} devices, got {counts.size}")
+            return counts
+        return decode
 
     def read_voltage(self) -> float:
         """The tester's read voltage, volts."""
@@ -199,9 +205,10 @@ class TesterDriver(ArrayDriver):
         msg = P.encode_message(header, text=text)
         return self._retrying(lambda: parse(self._round_trip_text(msg, header)))
 
-    def _query_block(self, header: str, block: bytes | None = None) -> bytes:
+    def _query_block(self, header: str, block: bytes | None = None, parse: Callable[[bytes], T] = bytes) -> T:
+        """One retried block query; parse decodes the payload (a bad CRC or length is retried too)."""
         msg = P.encode_message(header, block=block)
-        return self._retrying(lambda: self._round_trip_block(msg, header))
+        return self._retrying(lambda: parse(self._round_trip_block(msg, header)))
 
     def _retrying(self, once: Callable[[], T]) -> T:
         """Run an idempotent round trip, recovering the link after each failure."""

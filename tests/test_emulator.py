@@ -182,6 +182,39 @@ def test_ten_thousand_programs_with_faults_end_in_the_fault_free_state():
     assert refused > 50 and drv.stats.reconnects > 150 and drv.stats.resends > 0
 
 
+def test_reads_under_faults_never_take_a_stale_reply_for_an_answer():
+    """Noise-free chip: every read, retried through drops, delays and corruption, returns exactly the truth."""
+    from sim import PCMParams
+
+    quiet = PCMParams(read_noise_rel=0.0, read_noise_abs_us=0.0)
+    emulator = Emulator(MockDriver(8, 8, seed=SEED, params=quiet))
+    server = Server(emulator, Endpoint("tcp", "127.0.0.1", 0), quiet_abandon_s=0.5)
+    server.bind()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    rng = np.random.default_rng(3)
+    try:
+        drv = Driver.open(server.visa_resource, timeout_s=0.05, retries=20)
+        drv.apply(PulseProgram(1, np.arange(64), rng.integers(0, 20, 64), np.zeros(64, bool)))
+        truth = emulator.driver.chip.conductance(None, 0.0)  # before the drift law's t0: no drift yet
+        emulator.set_faults(FaultPlan(lose=0.04, drop=0.04, delay=0.04, corrupt=0.04, error=0.04, delay_s=0.1, seed=9))
+        for i in range(200):
+            addr = None if i % 10 == 0 else rng.choice(64, int(rng.integers(1, 65)), replace=False)
+            while True:
+                try:
+                    r = drv.read(addr)
+                    break
+                except InstrumentError as e:
+                    assert e.code == 200
+            expected = truth if addr is None else truth[addr]
+            assert np.array_equal(r.conductances_us, expected)
+        assert drv.stats.reconnects > 20
+        drv.close()
+    finally:
+        server.stop()
+        thread.join(10)
+
+
 def test_serve_wraps_any_driver_and_stops_cleanly():
     from drivers import DryRunDriver
     from drivers.server import serve

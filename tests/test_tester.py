@@ -240,3 +240,14 @@ def test_close_closes_the_transport(script):
                                              ("COM3", True), ("loop://", True)])
 def test_open_picks_the_transport_by_resource(resource, serial):
     assert is_serial_url(resource) is serial
+
+
+def test_a_corrupted_read_reply_is_read_again_after_a_sync(script):
+    drv = connect(script)
+    req = P.encode_message("READ?", block=P.encode_addresses([1]))
+    good = blk(P.encode_read_reply(1.0, [4.0]))
+    bad = bytearray(good)
+    bad[-3] ^= 0x40  # inside the CRC
+    script.expect((req, bytes(bad)), (req, good))
+    assert drv.read([1]).conductances_us.tolist() == [4.0]
+    assert script.t.reconnect.call_count == 1 and script.syncs == 1 and drv.stats.retried_queries == 1
