@@ -53,7 +53,7 @@ class TesterDriver(ArrayDriver):
         try:
             self._identity = self._query_text("*IDN?")
             geometry = self._query_text("GEOM?", parse=_parse_geometry)
-            tester_limits = self._query_text("LIM?", parse=_parse_limits)
+            tester_limits = self._tester_limits(limits)
         except BaseException:
             transport.close()
             raise
@@ -61,6 +61,18 @@ class TesterDriver(ArrayDriver):
         self.tester_limits = tester_limits
         if seed_lifetime:
             self._lifetime_pulses[:] = self._query_block("LIFE:ALL?", parse=self._counts_of(geometry.n_devices))
+
+    def _tester_limits(self, host_limits: SafetyLimits | None) -> SafetyLimits:
+        """The tester's LIM?; a tester without it (error -113) needs limits given on the host."""
+        try:
+            return self._query_text("LIM?", parse=_parse_limits)
+        except InstrumentError as e:
+            if e.code != P.ErrorCode.UNDEFINED_HEADER:
+                raise
+            if host_limits is None:
+                raise DriverError("the tester does not report its safety limits (LIM?): pass limits= to "
+                                  "TesterDriver") from e
+            return host_limits
 
     @classmethod
     def open(cls, resource: str, *, timeout_s: float = 5.0, backend: str = "@py", baudrate: int = 115200,

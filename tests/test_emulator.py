@@ -267,3 +267,26 @@ def test_fuzzed_bytes_over_a_real_socket_leave_the_emulator_serving(fuzz_target,
         with s.makefile("rb") as f:
             s.sendall(b"*CLS\n*IDN?\n")
             assert f.readline().startswith(b"pcm-hil,emulator,")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("resource", ["TCPIP::127.0.0.1::{port}::SOCKET", "socket://127.0.0.1:{port}"])
+def test_nobody_listening_is_disconnected(resource):
+    from drivers import Disconnected
+
+    with pytest.raises(Disconnected):  # pyvisa-py only notices on the first write
+        Driver.open(resource.format(port=_closed_port()), timeout_s=1)
+
+
+def test_a_silent_tester_times_out():
+    from drivers import DriverTimeout
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts (backlog) but never answers
+        port = listener.getsockname()[1]
+        with pytest.raises(DriverTimeout):
+            Driver.open(f"TCPIP::127.0.0.1::{port}::SOCKET", timeout_s=0.05, retries=1)

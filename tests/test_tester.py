@@ -7,7 +7,7 @@ from unittest.mock import call
 import numpy as np
 import pytest
 
-from drivers import Disconnected, DriverTimeout, InstrumentError, ProtocolError, PulseProgram, SafetyLimits, \
+from drivers import Disconnected, DriverError, DriverTimeout, InstrumentError, ProtocolError, PulseProgram, SafetyLimits, \
     SafetyViolation
 from drivers import TesterDriver as Driver
 from drivers import protocol as P
@@ -251,3 +251,14 @@ def test_a_corrupted_read_reply_is_read_again_after_a_sync(script):
     script.expect((req, bytes(bad)), (req, good))
     assert drv.read([1]).conductances_us.tolist() == [4.0]
     assert script.t.reconnect.call_count == 1 and script.syncs == 1 and drv.stats.retried_queries == 1
+
+
+def test_a_tester_without_lim_needs_host_limits(mocker):
+    no_lim = [HANDSHAKE[0], HANDSHAKE[1], (b"LIM?\n", b'!-113,"undefined header"\n')]
+    s = Script(mocker, no_lim)
+    with pytest.raises(DriverError, match="pass limits="):
+        Driver(s.t)
+    assert s.t.close.called
+    s = Script(mocker, [*no_lim, HANDSHAKE[3]])
+    strict = SafetyLimits(max_set_pulses_per_device=3)
+    assert Driver(s.t, limits=strict).tester_limits == strict
