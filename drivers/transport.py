@@ -7,6 +7,7 @@ answer in time, Disconnected when the link is closed or broke.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -172,7 +173,13 @@ class SerialTransport(Transport):
     """pyserial serial_for_url: '/dev/ttyUSB0', 'COM3', a pty path, 'socket://host:port', 'loop://'.
 
     baudrate, parity ('N', 'E', 'O', 'M', 'S'), bytesize, stopbits as pyserial takes them.
+    timeout_s is an inactivity timeout: a long block on a slow line is fine as long as bytes keep
+    coming. write_timeout_s defaults to timeout_s plus the line time of 1 MiB.
     """
+
+    #: The port's own read timeout: reads poll at this interval against the transport's deadline,
+    #: because changing a pyserial port's timeout re-applies termios, which ptys refuse with parity.
+    POLL_S = 0.05
 
     def __init__(self, url: str, *, baudrate: int = 115200, parity: str = "N", bytesize: int = 8,
                  stopbits: float = 1, timeout_s: float = 5.0, write_timeout_s: float | None = None) -> None:
@@ -182,23 +189,19 @@ class SerialTransport(Transport):
         self.url = url
         self.timeout_s = float(timeout_s)
         self._settings = dict(baudrate=baudrate, parity=parity, bytesize=bytesize, stopbits=stopbits)
-        self._write_timeout_s = write_timeout_s
+        self._write_timeout_s = (write_timeout_s if write_timeout_s is not None
+                                 else self.timeout_s + 12.0 * (1 << 20) / float(baudrate))
         self.description = f"serial {url}"
         self._port: Any = None
         self._open()
 
     def _open(self) -> None:
         s = self._serial_mod
-        wt = self._write_timeout_s if self._write_timeout_s is not None else self.timeout_s
         try:
-            self._port = s.serial_for_url(self.url, timeout=self.timeout_s, write_timeout=wt, **self._settings)
+            self._port = s.serial_for_url(self.url, timeout=self.POLL_S, write_timeout=self._write_timeout_s,
+                                          **self._settings)
         except (s.SerialException, OSError, ValueError) as e:
             raise Disconnected(f"cannot open {self.url}: {e}") from e
-
-    def set_timeout(self, seconds: float) -> None:
-        super().set_timeout(seconds)
-        if self._port is not None:
-            self._port.timeout = seconds
 
     @contextmanager
     def _mapped(self, what: str) -> Iterator[None]:
@@ -208,7 +211,7 @@ class SerialTransport(Transport):
         try:
             yield
         except s.SerialTimeoutException as e:
-            raise DriverTimeout(f"{what}: {self.url} did not accept data within the write timeout") from e
+            raise DriverTimeout(f"{what}: {self.url} did not accept data within {self._write_timeout_s} s") from e
         except (s.SerialException, OSError) as e:
             raise Disconnected(f"{what} on {self.url}: {e}") from e
 
@@ -217,20 +220,31 @@ class SerialTransport(Transport):
             self._port.write(data)
             self._port.flush()
 
+    def _read_until_done(self, step, done, what: str) -> bytes:  # type: ignore[no-untyped-def]
+        """Poll step() until done(buf); the deadline restarts whenever bytes arrive."""
+        buf = bytearray()
+        deadline = time.monotonic() + self.timeout_s
+        with self._mapped(what):
+            while not done(buf):
+                chunk = step(buf)
+                if chunk:
+                    buf += chunk
+                    deadline = time.monotonic() + self.timeout_s
+                elif time.monotonic() >= deadline:
+                    raise DriverTimeout(f"{what}: nothing more from {self.url} within {self.timeout_s} s "
+                                        f"({len(buf)} bytes so far)")
+        return bytes(buf)
+
     def read_line(self) -> bytes:
-        with self._mapped("read"):
-            line = self._port.read_until(b"\n", MAX_LINE)
-        if not line.endswith(b"\n"):
-            raise DriverTimeout(f"read: no complete line from {self.url} within {self.timeout_s} s "
-                                f"({len(line)} bytes)")
-        return line
+        def done(buf: bytearray) -> bool:
+            if len(buf) > MAX_LINE:
+                raise DriverTimeout(f"read: {self.url} sent {len(buf)} bytes without a newline")
+            return buf.endswith(b"\n")
+        return self._read_until_done(lambda buf: self._port.read_until(b"\n", MAX_LINE), done, "read")
 
     def read_exact(self, n: int) -> bytes:
-        with self._mapped("read block"):
-            data = self._port.read(n)
-        if len(data) != n:
-            raise DriverTimeout(f"read block: {len(data)} of {n} bytes from {self.url} within {self.timeout_s} s")
-        return data
+        return self._read_until_done(lambda buf: self._port.read(n - len(buf)), lambda buf: len(buf) >= n,
+                                     "read block")
 
     def reconnect(self) -> None:
         self._close_port()

@@ -143,21 +143,21 @@ def _program_stream(n_programs: int, n_devices: int, seed: int):
         yield PulseProgram(pid, addr, rng.integers(0, 3, k), rng.random(k) < 0.05)
 
 
-@pytest.mark.slow
-def test_ten_thousand_programs_with_faults_end_in_the_fault_free_state():
-    n_programs, rows, cols = 10_000, 4, 4
+def _programs_under_faults(endpoint: Endpoint, url, n_programs: int, plan: FaultPlan) -> Driver:
+    """Apply a seeded program stream through injected faults; assert the chip ends as without faults."""
+    rows, cols = 4, 4
     reference = MockDriver(rows, cols, seed=SEED)
     for prog in _program_stream(n_programs, rows * cols, 99):
         reference.apply(prog)
 
     emulator = Emulator(MockDriver(rows, cols, seed=SEED))
-    server = Server(emulator, Endpoint("tcp", "127.0.0.1", 0), quiet_abandon_s=0.5)
+    server = Server(emulator, endpoint, quiet_abandon_s=0.5)
     server.bind()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        drv = Driver.open(server.visa_resource, timeout_s=0.05, retries=20)
-        emulator.set_faults(FaultPlan(lose=0.01, drop=0.01, delay=0.01, corrupt=0.01, error=0.01, delay_s=0.1, seed=7))
+        drv = Driver.open(url(server), timeout_s=0.05, retries=20)
+        emulator.set_faults(plan)
         refused = 0
         for prog in _program_stream(n_programs, rows * cols, 99):
             while True:
@@ -175,11 +175,27 @@ def test_ten_thousand_programs_with_faults_end_in_the_fault_free_state():
     finally:
         server.stop()
         thread.join(10)
-    chip = emulator.driver.chip
-    assert chip.state_equal(reference.chip)
+    assert emulator.driver.chip.state_equal(reference.chip)
     assert emulator.driver.now() == reference.now()
+    assert refused > 0
+    return drv
+
+
+@pytest.mark.slow
+def test_ten_thousand_programs_with_faults_end_in_the_fault_free_state():
+    plan = FaultPlan(lose=0.01, drop=0.01, delay=0.01, corrupt=0.01, error=0.01, delay_s=0.1, seed=7)
+    drv = _programs_under_faults(Endpoint("tcp", "127.0.0.1", 0), lambda s: s.visa_resource, 10_000, plan)
     # Every kind of fault happened and was survived.
-    assert refused > 50 and drv.stats.reconnects > 150 and drv.stats.resends > 0
+    assert drv.stats.reconnects > 150 and drv.stats.resends > 0
+
+
+# pyserial's socket:// close() sleeps 0.3 s, so that link gets fewer programs.
+@pytest.mark.parametrize("endpoint,url,n", [(Endpoint("tcp", "127.0.0.1", 0), lambda s: f"socket://{s.address}", 150),
+                                            (Endpoint("pty"), lambda s: s.address, 500)], ids=["socket-url", "pty"])
+def test_serial_links_survive_faults_too(endpoint, url, n):
+    plan = FaultPlan(lose=0.03, drop=0.03, delay=0.03, corrupt=0.03, error=0.03, delay_s=0.1, seed=8)
+    drv = _programs_under_faults(endpoint, url, n, plan)
+    assert drv.stats.reconnects > 10 and drv.stats.resends > 0
 
 
 def test_reads_under_faults_never_take_a_stale_reply_for_an_answer():
