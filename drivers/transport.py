@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import Disconnected, DriverTimeout
 
@@ -220,7 +220,8 @@ class SerialTransport(Transport):
             self._port.write(data)
             self._port.flush()
 
-    def _read_until_done(self, step, done, what: str) -> bytes:  # type: ignore[no-untyped-def]
+    def _read_until_done(self, step: Callable[[bytearray], bytes], done: Callable[[bytearray], bool],
+                         what: str) -> bytes:
         """Poll step() until done(buf); the deadline restarts whenever bytes arrive."""
         buf = bytearray()
         deadline = time.monotonic() + self.timeout_s
