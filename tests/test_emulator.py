@@ -306,3 +306,18 @@ def test_a_silent_tester_times_out():
         port = listener.getsockname()[1]
         with pytest.raises(DriverTimeout):
             Driver.open(f"TCPIP::127.0.0.1::{port}::SOCKET", timeout_s=0.05, retries=1)
+
+
+def test_cli_params_and_fault_options_take_effect(tmp_path):
+    params = tmp_path / "quiet.toml"
+    params.write_text("read_noise_rel = 0.0\nread_noise_abs_us = 0.0\n")
+    faults = ["--fault-lose", "0.1", "--fault-drop", "0.1", "--fault-corrupt", "0.1", "--fault-delay", "0.1",
+              "--fault-delay-s", "0.1", "--fault-seed", "3"]
+    with EmulatorProcess([*ARGS, "--params", str(params), *faults]) as emu:
+        with Driver.open(emu.resource, timeout_s=0.05, retries=20) as drv:
+            for pid in range(1, 21):
+                drv.apply(PulseProgram(pid, np.array([pid % 42]), np.array([1]), np.array([False])))
+            first, second = drv.read(), drv.read()
+            assert np.array_equal(first.conductances_us, second.conductances_us)  # no read noise
+            assert drv.last_program_id() == 20 and drv.stats.reconnects > 0
+            assert drv.tester_lifetime_pulses().sum() == 20
