@@ -390,6 +390,7 @@ class Server:
     emulator: Emulator
     endpoint: Endpoint
     quiet_abandon_s: float = 2.0
+    send_timeout_s: float = 30.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _listener: socket.socket | None = None
     _pty: tuple[int, int] | None = None
@@ -462,7 +463,16 @@ class Server:
             with conn:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.settimeout(0.2)
-                self._session(lambda: conn.recv(1 << 20), conn.sendall, can_drop=True)
+                self._session(lambda: conn.recv(1 << 20), lambda data: self._send_tcp(conn, data), can_drop=True)
+
+    def _send_tcp(self, conn: socket.socket, data: bytes) -> None:
+        # Python's sendall timeout bounds the whole transfer; a big block to a busy client needs more
+        # than the short poll timeout used for receiving.
+        conn.settimeout(self.send_timeout_s)
+        try:
+            conn.sendall(data)
+        finally:
+            conn.settimeout(0.2)
 
     def _serve_pty(self) -> None:
         assert self._pty is not None
@@ -476,8 +486,11 @@ class Server:
 
         def send(data: bytes) -> None:
             view = memoryview(data)
+            deadline = time.monotonic() + self.send_timeout_s
             while view:
-                _, w, _ = select.select([], [master], [], 1.0)
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise TimeoutError("nobody reads the pty")
+                _, w, _ = select.select([], [master], [], 0.2)
                 if w:
                     view = view[os.write(master, view):]
 
