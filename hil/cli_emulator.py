@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -85,7 +86,10 @@ class EmulatorProcess:
         self.kind = "pty" if "--pty" in extra else "tcp"
         cmd = [sys.executable, "-m", "hil.cli", "emulator", *([] if self.kind == "pty" else ["--listen", listen]), *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # stderr to a file, not a pipe: nobody drains it while the emulator runs, and a full pipe would stall it.
+        self._stderr = tempfile.TemporaryFile("w+")
+        self._stderr_final = ""
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
                                      cwd=Path(__file__).resolve().parent.parent)
         self.address = self._wait_ready(start_timeout_s)
 
@@ -106,8 +110,7 @@ class EmulatorProcess:
                     self.proc.wait(10)
                 except subprocess.TimeoutExpired:
                     pass
-                if self.proc.poll() is not None and self.proc.stderr is not None:
-                    err = self.proc.stderr.read()
+                err = self.stderr_text()
             self.stop()
             raise RuntimeError(f"emulator did not start: {line!r} {err[-2000:]}")
         return line.split()[2]
@@ -134,10 +137,19 @@ class EmulatorProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if not self._stderr.closed:
+            self._stderr_final = self.stderr_text()
+            self._stderr.close()
         return self.proc.returncode
+
+    def stderr_text(self) -> str:
+        """What the emulator wrote to stderr so far (all of it once stopped)."""
+        if self._stderr.closed:
+            return self._stderr_final
+        self._stderr.seek(0)
+        return self._stderr.read()
 
     def __enter__(self) -> EmulatorProcess:
         return self
