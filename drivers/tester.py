@@ -124,8 +124,8 @@ class TesterDriver(ArrayDriver):
             try:
                 reply = self._round_trip_text(message, "PROG:APPL?")
             except InstrumentError as e:
-                if e.code == P.ErrorCode.BLOCK_DATA_ERROR and "CRC" in e.message:
-                    last_error = e  # corrupted on the way in: refused, so sending it again is safe
+                if e.code == P.ErrorCode.BLOCK_DATA_ERROR:
+                    last_error = e  # garbled on the way in (CRC, lengths): refused, so sending it again is safe
                     continue
                 if e.code == P.ErrorCode.ALREADY_APPLIED and attempt:
                     return  # our own earlier send landed, the PROG:LAST? answers notwithstanding

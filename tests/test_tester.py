@@ -262,3 +262,12 @@ def test_a_tester_without_lim_needs_host_limits(mocker):
     s = Script(mocker, [*no_lim, HANDSHAKE[3]])
     strict = SafetyLimits(max_set_pulses_per_device=3)
     assert Driver(s.t, limits=strict).tester_limits == strict
+
+
+def test_a_program_garbled_on_the_way_in_is_sent_again(script):
+    drv = connect(script)
+    prog = PulseProgram(4, np.array([5]), np.array([1]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.expect((msg, b'!-160,"program payload fails its CRC32 check (corrupted in transit)"\n'), (msg, b"4\n"))
+    drv.apply(prog)
+    assert script.writes().count(msg) == 2 and drv.stats.resends == 1 and drv.lifetime_pulses[5] == 6
