@@ -67,11 +67,22 @@ class ArrayDriver(ABC):
 
     def apply(self, program: PulseProgram) -> None:
         """Apply one program exactly once; checked against the safety limits before anything is sent."""
+        self.check_program(program)
+        self._apply_checked(program)
+
+    def check_program(self, program: PulseProgram) -> None:
+        """Raise the error apply() would raise for program (addresses, safety limits, pulse budget); send nothing."""
         self._check_open()
         self._geometry.check_addresses(program.addresses)
         self._limits.check_program(program, self._geometry, self._lifetime_pulses)
+
+    def _apply_checked(self, program: PulseProgram) -> None:
+        """Apply a program that check_program() passed and count its pulses in the endurance ledger.
+
+        Wrappers (LoggedDriver) call this on the driver they wrap, so a program is checked once.
+        """
         self._apply(program)
-        # Addresses are unique (checked above), so a fancy-index add counts each once.
+        # Addresses are unique (checked), so a fancy-index add counts each once.
         self._lifetime_pulses[program.addresses] += program.set_counts + program.reset
 
     def last_program_id(self) -> int | None:

@@ -80,10 +80,25 @@ class LoggedDriver(ArrayDriver):
     def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult:  # pragma: no cover - read() overrides
         return self.inner.read(None if whole else addresses)
 
-    def _apply(self, program: PulseProgram) -> None:
+    @property
+    def lifetime_pulses(self) -> npt.NDArray[np.int64]:
+        """The wrapped driver's endurance ledger: the one every program is checked against."""
+        return self.inner.lifetime_pulses
+
+    def check_program(self, program: PulseProgram) -> None:
+        """Check program against the wrapped driver's geometry, limits and ledger; send nothing."""
+        self._check_open()
+        self.inner.check_program(program)
+
+    def apply(self, program: PulseProgram) -> None:
+        """Check once (on inner), log, then apply through inner: a refused program is neither logged nor sent."""
+        self.check_program(program)
         t = self.inner.now() if self.program_times else None
         self.writer._log_program(self.step, program, t, self.wall_clock())
-        self.inner.apply(program)
+        self.inner._apply_checked(program)
+
+    def _apply(self, program: PulseProgram) -> None:  # pragma: no cover - apply() overrides
+        self.inner._apply_checked(program)
 
     def _last_program_id(self) -> int | None:
         return self.inner.last_program_id()

@@ -121,13 +121,17 @@ class PCMArray:
 
     def _set_checked(self, addr: npt.NDArray[np.intp], cnt: npt.NDArray[np.int64], t: float) -> None:
         keep = cnt > 0
-        if not keep.any():
-            return
-        addr, cnt = addr[keep], cnt[keep]
-        # Devices sorted by pulse count, most first: the devices still pulsing in pass k are a prefix.
-        order = np.argsort(-cnt, kind="stable")
-        addr, cnt = addr[order], cnt[order]
-        active = np.searchsorted(-cnt, -np.arange(1, int(cnt[0]) + 1), side="right")
+        if not keep.all():
+            if not keep.any():
+                return
+            addr, cnt = addr[keep], cnt[keep]
+        if cnt.max() > 1:
+            # Devices sorted by pulse count, most first: the devices still pulsing in pass k are a prefix.
+            order = np.argsort(-cnt, kind="stable")
+            addr, cnt = addr[order], cnt[order]
+            active = np.searchsorted(-cnt, -np.arange(1, int(cnt[0]) + 1), side="right")
+        else:
+            active = [addr.size]
 
         p = self.params
         g = self._drifted(addr, t)
@@ -155,13 +159,22 @@ class PCMArray:
         self._pulses[addr] += cnt.astype(np.uint32)
         self._t_prog[addr] = t
 
-    def apply(self, addresses: IntArray, set_counts: IntArray, reset: npt.NDArray[np.bool_], t: float) -> None:
-        """Apply one program at time t (s): RESET where reset is true, then the SET pulses."""
-        addr = self._addresses(addresses)
-        cnt = _counts(set_counts, addr.size)
-        rst = np.asarray(reset)
-        if rst.shape != addr.shape or rst.dtype != np.bool_:
-            raise PulseCountError(f"reset must be a bool array of shape {addr.shape}, got {rst.dtype} {rst.shape}")
+    def apply(self, addresses: IntArray, set_counts: IntArray, reset: npt.NDArray[np.bool_], t: float,
+              *, validate: bool = True) -> None:
+        """Apply one program at time t (s): RESET where reset is true, then the SET pulses.
+
+        validate=False skips the address and count checks for a caller that has made them already
+        (unique in-range integer addresses, non-negative integer counts, bool reset flags of one
+        length); the time is always checked. Unchecked bad input corrupts the state.
+        """
+        if validate:
+            addr = self._addresses(addresses)
+            cnt = _counts(set_counts, addr.size)
+            rst = np.asarray(reset)
+            if rst.shape != addr.shape or rst.dtype != np.bool_:
+                raise PulseCountError(f"reset must be a bool array of shape {addr.shape}, got {rst.dtype} {rst.shape}")
+        else:
+            addr, cnt, rst = addresses, set_counts, reset
         self._advance(t)
         if rst.any():
             self._reset_checked(addr[rst], t)
@@ -315,8 +328,11 @@ class PCMArray:
         return np.clip(g, p.g_min_us, p.g_max_us, out=g)
 
     def _drifted(self, addr: npt.NDArray[np.intp], t: float) -> FloatArray:
+        t_prog = self._t_prog[addr]
+        if addr.size == 0 or t - t_prog.min() <= self.params.drift_t0_s:
+            return self._g[addr]  # nothing has drifted yet (a copy: fancy indexing)
         out = np.empty(addr.size, np.float32)
-        self._drift_into(self._g[addr], self._t_prog[addr], self._nu[addr], t, out)
+        self._drift_into(self._g[addr], t_prog, self._nu[addr], t, out)
         return out
 
     def _drift_into(self, g: FloatArray, t_prog: np.ndarray, nu: FloatArray, t: float, out: FloatArray) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from drivers import (MVM, Block, DriverError, LoggedDriver, MockDriver, PulseProgram, RunLogError, RunLogReader,
-                     RunLogWriter, SafetyViolation)
+                     RunLogWriter, SafetyLimits, SafetyViolation)
 from drivers.program import ReadResult
 
 
@@ -67,11 +67,11 @@ def test_program_is_logged_before_the_inner_apply_runs(tmp_path, mocker):
     with RunLogWriter(tmp_path / "run.h5") as w:
         d = LoggedDriver(inner, w)
         seen: list[int] = []
-        mocker.patch.object(inner, "apply", side_effect=lambda p: seen.append(w.counts["programs"]))
+        mocker.patch.object(inner, "_apply", side_effect=lambda p: seen.append(w.counts["programs"]))
         d.apply(PulseProgram(7, np.array([1, 2]), np.array([1, 1]), np.zeros(2, bool)))
         assert seen == [1]
         # An apply that fails on the way (a dropped link) still leaves the program in the log.
-        mocker.patch.object(inner, "apply", side_effect=DriverError("link dropped"))
+        mocker.patch.object(inner, "_apply", side_effect=DriverError("link dropped"))
         with pytest.raises(DriverError, match="link dropped"):
             d.apply(PulseProgram(8, np.array([3]), np.array([2]), np.zeros(1, bool)))
         assert w.counts["programs"] == 2
@@ -122,3 +122,17 @@ def test_a_log_from_another_geometry_is_refused(tmp_path):
         with pytest.raises(RunLogError, match="4 x 4 array"):
             LoggedDriver(MockDriver(4, 5), w)
         LoggedDriver(MockDriver(4, 4), w)
+
+
+def test_the_wrapper_checks_against_the_wrapped_drivers_pulse_ledger(tmp_path):
+    """Pulses the inner driver had before it was wrapped count against the endurance budget."""
+    inner = MockDriver(2, 2, limits=SafetyLimits(lifetime_pulse_budget=5))
+    inner.apply(PulseProgram(1, np.array([0]), np.array([4]), np.zeros(1, bool)))
+    with RunLogWriter(tmp_path / "run.h5") as w:
+        d = LoggedDriver(inner, w)
+        with pytest.raises(SafetyViolation, match="lifetime_pulse_budget") as e:
+            d.apply(PulseProgram(2, np.array([0]), np.array([2]), np.zeros(1, bool)))
+        assert e.value.device == 0 and w.counts["programs"] == 0 and inner.last_program_id() == 1
+        d.apply(PulseProgram(3, np.array([0, 1]), np.array([1, 1]), np.zeros(2, bool)))
+        # One ledger, counted once.
+        assert d.lifetime_pulses.tolist() == inner.lifetime_pulses.tolist() == [5, 1, 0, 0]
