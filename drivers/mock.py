@@ -69,7 +69,7 @@ class MockDriver(ArrayDriver):
 
     def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult:
         t = self._t
-        g = self.chip.read(None if whole else addresses, t)
+        g = self.chip.read(None if whole else addresses, t, validate=False)  # ArrayDriver.read checked them
         self._t += self.timing.command_overhead_s + addresses.size * self.timing.read_per_device_s
         return ReadResult(addresses, g, t)
 

@@ -35,15 +35,15 @@ class Geometry:
             raise AddressError(f"addresses must be integers, got dtype {a.dtype}")
         a = a.astype(np.int64, copy=False)
         if a.size:
-            lo, hi = int(a.min()), int(a.max())
+            # One sort gives the range and the duplicates (this runs on every step's program and read).
+            s = np.sort(a) if unique else a
+            lo, hi = (int(s[0]), int(s[-1])) if unique else (int(a.min()), int(a.max()))
             if lo < 0 or hi >= self.n_devices:
                 raise AddressError(f"address {lo if lo < 0 else hi} is outside the {self.rows} x {self.cols} array "
                                    f"(0 .. {self.n_devices - 1})")
-            if unique:
-                s = np.sort(a)
-                dup = np.flatnonzero(s[1:] == s[:-1])
-                if dup.size:
-                    raise AddressError(f"address {int(s[dup[0]])} appears more than once in one request")
+            if unique and a.size > 1 and (s[1:] == s[:-1]).any():
+                dup = s[1:][s[1:] == s[:-1]][0]
+                raise AddressError(f"address {int(dup)} appears more than once in one request")
         return a
 
 

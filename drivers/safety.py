@@ -55,6 +55,7 @@ class SafetyLimits(BaseModel):
         """Raise SafetyViolation naming the limit (and the first offending device) if program breaks one.
 
         lifetime_pulses: pulses each device has had so far (indexed by address), for the endurance budget.
+        The addresses must already have passed geometry.check_addresses (ArrayDriver.check_program does both).
         """
         p = program
         if p.reset.any():
@@ -66,22 +67,23 @@ class SafetyLimits(BaseModel):
                                   f"{p.n_devices} devices addressed, at most {self.max_devices_per_program} allowed")
         if p.n_devices == 0:
             return
+        # Each check is one reduction on the good path; the offender is looked up only on failure.
         hi = geometry.n_devices - 1 if self.address_max is None else min(self.address_max, geometry.n_devices - 1)
-        bad = np.flatnonzero((p.addresses < self.address_min) | (p.addresses > hi))
-        if bad.size:
-            raise SafetyViolation("address range", f"address outside the allowed range {self.address_min} .. {hi}",
-                                  int(p.addresses[bad[0]]))
-        over = np.flatnonzero(p.set_counts > self.max_set_pulses_per_device)
-        if over.size:
-            i = over[0]
+        if self.address_min > 0 or hi < geometry.n_devices - 1:
+            outside = (p.addresses < self.address_min) | (p.addresses > hi)
+            if outside.any():
+                raise SafetyViolation("address range", f"address outside the allowed range {self.address_min} .. {hi}",
+                                      int(p.addresses[np.argmax(outside)]))
+        if p.set_counts.max() > self.max_set_pulses_per_device:
+            i = int(np.argmax(p.set_counts > self.max_set_pulses_per_device))
             raise SafetyViolation("max_set_pulses_per_device",
                                   f"{int(p.set_counts[i])} SET pulses, at most {self.max_set_pulses_per_device} allowed",
                                   int(p.addresses[i]))
         if lifetime_pulses is not None:
-            after = lifetime_pulses[p.addresses] + p.set_counts + p.reset
-            spent = np.flatnonzero(after > self.lifetime_pulse_budget)
-            if spent.size:
-                i = spent[0]
+            after = lifetime_pulses[p.addresses] + p.set_counts
+            after += p.reset
+            if after.max() > self.lifetime_pulse_budget:
+                i = int(np.argmax(after > self.lifetime_pulse_budget))
                 raise SafetyViolation("lifetime_pulse_budget",
                                       f"the program would bring the device to {int(after[i])} pulses, "
                                       f"budget {self.lifetime_pulse_budget}", int(p.addresses[i]))

@@ -207,10 +207,11 @@ class PCMArray:
             self._drift_into(self._g[sl], self._t_prog[sl], self._nu[sl], t, out[sl])
         return out
 
-    def read(self, addresses: IntArray | None, t: float) -> FloatArray:
+    def read(self, addresses: IntArray | None, t: float, *, validate: bool = True) -> FloatArray:
         """Read conductances (uS, float32) at time t (s): drift, then read noise, clipped to bounds.
 
-        addresses=None reads the whole array in address order.
+        addresses=None reads the whole array in address order. validate=False skips the address
+        checks for a caller that has made them (unique in-range integers); the time is always checked.
         """
         if addresses is None:
             self._advance(t)
@@ -220,7 +221,7 @@ class PCMArray:
                 self._drift_into(self._g[sl], self._t_prog[sl], self._nu[sl], t, out[sl])
                 self._add_read_noise(out[sl])
             return out
-        addr = self._addresses(addresses)
+        addr = self._addresses(addresses) if validate else addresses
         self._advance(t)
         out = self._drifted(addr, t)
         self._add_read_noise(out)
