@@ -19,13 +19,10 @@ error (refuse with instrument error 200 without running the command).
 from __future__ import annotations
 
 import enum
-import io
-import json
 import os
 import select
 import socket
 import sys
-import tempfile
 import threading
 import time
 import tty
@@ -37,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from sim import PCMArray
+from sim.files import npz_bytes, read_npz, write_atomic
 
 from . import protocol as P
 from .base import ArrayDriver
@@ -320,36 +318,18 @@ def _line(text: str) -> bytes:
 
 # ---------------------------------------------------------------------------- state file
 def save_state(path: Path, s: _Saved) -> None:
-    """One .npz holding the chip (PCMArray.save bytes), clock, last program id, lifetime counts."""
-    path = Path(path)
-    fd, chip_tmp = tempfile.mkstemp(prefix=path.name + ".chip.", suffix=".npz", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        s.chip.save(chip_tmp)
-        chip_bytes = Path(chip_tmp).read_bytes()
-    finally:
-        Path(chip_tmp).unlink(missing_ok=True)
+    """One .npz holding the chip (PCMArray.to_bytes), clock, last program id, lifetime counts; atomic."""
     meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "t_s": s.t_s, "last_program_id": s.last_program_id,
             "read_voltage_v": s.read_voltage_v}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                     chip=np.frombuffer(chip_bytes, np.uint8), lifetime=np.asarray(s.lifetime, np.int64))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    chip = np.frombuffer(s.chip.to_bytes(), np.uint8)
+    write_atomic(path, npz_bytes(meta, {"chip": chip, "lifetime": np.asarray(s.lifetime, np.int64)}))
 
 
 def load_state(path: Path) -> _Saved:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            chip = PCMArray.load(io.BytesIO(bytes(z["chip"])))
-            lifetime = np.asarray(z["lifetime"], np.int64)
+        meta, arrays = read_npz(path)
+        chip = PCMArray.from_bytes(arrays["chip"].tobytes(), f"{path} (chip)")
+        lifetime = np.asarray(arrays["lifetime"], np.int64)
     except Exception as e:  # any unreadable file is one clear error
         raise DriverError(f"{path} is not a readable emulator state file: {e}") from e
     if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:

@@ -7,8 +7,8 @@ run. Conductances in microsiemens; weights W = beta * (G+ - G-) in weight units.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -8,10 +8,7 @@ before RUN_DIR is created, so a refused run leaves nothing behind and overwrites
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
-import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ import numpy as np
 
 from drivers import ArrayDriver, MockDriver
 from sim import PCMParams
+from sim.files import write_atomic
 from sim.response import granularity_us, pulse_response
 
 from . import __version__
@@ -120,20 +118,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path so a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class Session:
     """A trainer wired to its driver and log; close() releases them."""
@@ -220,7 +204,7 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
     except BaseException:
         inner.close()
         raise
-    write_atomic(run_dir / CONFIG_FILE, cfg.to_toml())
+    write_atomic(run_dir / CONFIG_FILE, cfg.to_toml().encode())
     s = build_session(cfg, data, run_dir, inner, append_log=False, model=model)
     try:
         t = s.trainer
@@ -246,7 +230,7 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     summary["reads_logged"] = s.writer.counts["reads"] if s.writer is not None else 0
     summary["unapplied_program_ids"] = t.unapplied_program_ids
     summary["finished"] = t.at.epoch >= cfg.update.epochs
-    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    write_atomic(run_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 

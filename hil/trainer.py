@@ -7,11 +7,7 @@ software reference of the same run. See docs/training.md and docs/checkpoint.md.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from drivers import MVM, ArrayDriver, PulseProgram
+from sim.files import npz_bytes, read_npz, write_atomic
 
-from .array import INIT, REFRESH, UPDATE, ArrayProducts, ArrayWeights, ProgramRecord
+from .array import UPDATE, ArrayProducts, ArrayWeights, ProgramRecord
 from .config import RunConfig
 from .data import Dataset, epoch_order
 from .journal import Journal, read_journal
@@ -256,7 +253,7 @@ class Trainer:
             arrays[f"net{i}"] = aw.net_pulses[i]
             if aw.total_update is not None:
                 arrays[f"total{i}"] = aw.total_update[i]
-        _atomic_savez(self._ck_path(), meta, arrays)
+        write_atomic(self._ck_path(), npz_bytes(meta, arrays))
         old = self.journal
         if old is not None:
             old.close()
@@ -308,35 +305,15 @@ def _mock_chip(driver: ArrayDriver) -> Any:
     return getattr(inner, "chip", None)
 
 
-def _atomic_savez(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The checkpoint's meta and arrays; CheckpointError names what is wrong."""
     path = run_dir / CHECKPOINT
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            arrays = {k: z[k] for k in z.files if k != "meta"}
+        meta, arrays = read_npz(path)
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir} has no checkpoint ({CHECKPOINT}); the run never finished its "
                               "initial programming and cannot be resumed") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not a pcm-hil checkpoint of version {CHECKPOINT_VERSION}")

@@ -12,21 +12,22 @@ A programming event (SET or RESET) starts from the drifted value and restarts th
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import AddressError, ClockError, PulseCountError, StateFileError
+from .files import npz_bytes, read_npz, write_atomic
 from .params import PCMParams
 
 STATE_FORMAT = "pcm-hil-sim-state"
 STATE_VERSION = 1
+
+# Per-device state arrays as saved, in PCMArray._arrays() order.
+_STATE_ARRAYS = {"g": np.float32, "pulses": np.uint32, "t_prog": np.float64, "nu": np.float32, "d2d": np.float32}
 
 # Devices per chunk in full-array passes: keeps temporaries small and in cache.
 _CHUNK = 1 << 16
@@ -230,7 +231,10 @@ class PCMArray:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the whole chip state, RNG included, to path (atomically: a crash leaves the old file)."""
-        path = Path(path)
+        write_atomic(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The whole chip state, RNG included, as the bytes save() writes."""
         meta = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -239,49 +243,47 @@ class PCMArray:
             "params": self.params.model_dump(),
             "rng": self._rng.bit_generator.state,
         }
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), g=self._g, pulses=self._pulses,
-                         t_prog=self._t_prog, nu=self._nu, d2d=self._d2d)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return npz_bytes(meta, dict(zip(_STATE_ARRAYS, self._arrays())))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PCMArray:
         """Load a chip saved by save(); it continues exactly as the saved one would have."""
         try:
-            z = np.load(path, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("not an npz archive")
-            with z:
-                meta = json.loads(bytes(z["meta"]).decode())
-                arrays = {k: z[k] for k in ("g", "pulses", "t_prog", "nu", "d2d")}
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise StateFileError(f"no chip state file at {path}") from None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-            raise StateFileError(f"{path} is not a readable pcm-hil chip state: {e}") from e
+        except OSError as e:
+            raise StateFileError(f"cannot read chip state {path}: {e}") from e
+        return cls.from_bytes(data, str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "chip state") -> PCMArray:
+        """A chip from to_bytes() output; name says where the bytes came from, for errors."""
+        try:
+            meta, arrays = read_npz(data)
+        except ValueError as e:
+            raise StateFileError(f"{name} is not a readable pcm-hil chip state: {e}") from e
         if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
-            raise StateFileError(f"{path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+            raise StateFileError(f"{name} has format {meta.get('format')!r} version {meta.get('version')!r}; "
                                  f"expected {STATE_FORMAT!r} version {STATE_VERSION}")
-        expected = {"g": np.float32, "pulses": np.uint32, "t_prog": np.float64, "nu": np.float32, "d2d": np.float32}
+        missing = [k for k in _STATE_ARRAYS if k not in arrays]
+        if missing:
+            raise StateFileError(f"{name} lacks the arrays {missing}")
         n = arrays["g"].size
-        for k, dt in expected.items():
+        for k, dt in _STATE_ARRAYS.items():
             a = arrays[k]
             if a.dtype != dt or a.shape != (n,):
-                raise StateFileError(f"{path}: array {k!r} has {a.dtype} {a.shape}, expected {np.dtype(dt)} ({n},)")
+                raise StateFileError(f"{name}: array {k!r} has {a.dtype} {a.shape}, expected {np.dtype(dt)} ({n},)")
         self = cls.__new__(cls)
-        self.params = PCMParams.model_validate(meta["params"])
-        self.seed = int(meta["seed"])
-        self._rng = np.random.Generator(np.random.PCG64())
-        self._rng.bit_generator.state = meta["rng"]
-        self._now = float(meta["now"])
-        self._g, self._pulses, self._t_prog = arrays["g"], arrays["pulses"], arrays["t_prog"]
-        self._nu, self._d2d = arrays["nu"], arrays["d2d"]
+        try:
+            self.params = PCMParams.model_validate(meta["params"])
+            self.seed = int(meta["seed"])
+            self._rng = np.random.Generator(np.random.PCG64())
+            self._rng.bit_generator.state = meta["rng"]
+            self._now = float(meta["now"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateFileError(f"{name} has a malformed header: {e}") from e
+        self._g, self._pulses, self._t_prog, self._nu, self._d2d = (arrays[k] for k in _STATE_ARRAYS)
         return self
 
     def state_equal(self, other: PCMArray) -> bool:
@@ -295,6 +297,7 @@ class PCMArray:
 
     # ------------------------------------------------------------------ internals
     def _arrays(self) -> tuple[np.ndarray, ...]:
+        """The per-device state, in _STATE_ARRAYS order."""
         return (self._g, self._pulses, self._t_prog, self._nu, self._d2d)
 
     def _addresses(self, addresses: IntArray) -> npt.NDArray[np.intp]:

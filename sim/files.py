@@ -1,0 +1,73 @@
+"""Crash-safe files: atomic replacement, and npz archives with a JSON header.
+
+sim is the bottom layer, so the chip state, the emulator's state file, checkpoints and run
+summaries above it all share these two helpers instead of each writing their own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_META = "meta"
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace path with data so a crash at any moment leaves the old file or the new one, never half of one.
+
+    The bytes are fsynced before the rename and the folder after it, so the new file also survives a power cut.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def npz_bytes(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """An uncompressed npz archive holding meta (JSON) under 'meta' and the named arrays."""
+    if _META in arrays:
+        raise ValueError(f"array name {_META!r} is reserved for the JSON header")
+    buf = io.BytesIO()
+    np.savez(buf, **{_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)}, **arrays)
+    return buf.getvalue()
+
+
+def read_npz(source: str | os.PathLike[str] | bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """meta and arrays of an archive written by npz_bytes (a path or the bytes themselves).
+
+    FileNotFoundError when a path is missing; ValueError naming the problem for anything unreadable.
+    """
+    try:
+        z = np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an npz archive")
+        with z:
+            meta = json.loads(bytes(z[_META]).decode())
+            arrays = {k: z[k] for k in z.files if k != _META}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise ValueError(f"not a readable archive: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError("the archive's header is not a JSON object")
+    return meta, arrays
