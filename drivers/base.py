@@ -83,7 +83,8 @@ class ArrayDriver(ABC):
         """
         self._apply(program)
         # Addresses are unique (checked), so a fancy-index add counts each once.
-        self._lifetime_pulses[program.addresses] += program.set_counts + program.reset
+        pulses = program.set_counts + program.reset if program.reset_pulses else program.set_counts
+        self._lifetime_pulses[program.addresses] += pulses
 
     def last_program_id(self) -> int | None:
         """Id of the last program the array applied (None if none since it was made)."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import AddressError, ProgramError
+
+
+_INT64 = np.dtype(np.int64)
+_BOOL = np.dtype(np.bool_)
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,13 @@ class Geometry:
 
     def check_addresses(self, addresses: npt.ArrayLike, *, unique: bool = True) -> npt.NDArray[np.int64]:
         """Return addresses as int64 after checking they are 1-D integers inside the array (and unique)."""
-        a = np.asarray(addresses)
+        a = addresses if type(addresses) is np.ndarray else np.asarray(addresses)
         if a.ndim != 1:
             raise AddressError(f"addresses must be a 1-D array, got shape {a.shape}")
-        if a.size and not np.issubdtype(a.dtype, np.integer):
-            raise AddressError(f"addresses must be integers, got dtype {a.dtype}")
-        a = a.astype(np.int64, copy=False)
+        if a.dtype is not _INT64:
+            if a.size and a.dtype.kind not in "iu":  # numpy's integer kinds: what np.issubdtype(dt, np.integer) accepts
+                raise AddressError(f"addresses must be integers, got dtype {a.dtype}")
+            a = a.astype(np.int64, copy=False)
         if a.size:
             # One sort gives the range and the duplicates (this runs on every step's program and read).
             s = np.sort(a) if unique else a
@@ -78,39 +84,42 @@ class PulseProgram:
     shapes: PulseShapes = field(default_factory=PulseShapes)
 
     def __post_init__(self) -> None:
-        if isinstance(self.program_id, bool) or not isinstance(self.program_id, (int, np.integer)) \
-                or not 0 < int(self.program_id) < 2**63:
-            raise ProgramError(f"program_id must be an integer in 1 .. 2**63-1, got {self.program_id!r}")
-        addr = np.asarray(self.addresses)
-        cnt = np.asarray(self.set_counts)
-        rst = np.asarray(self.reset)
+        pid = self.program_id
+        if type(pid) is not int and (isinstance(pid, bool) or not isinstance(pid, (int, np.integer))) \
+                or not 0 < int(pid) < 2**63:
+            raise ProgramError(f"program_id must be an integer in 1 .. 2**63-1, got {pid!r}")
+        if type(pid) is not int:
+            object.__setattr__(self, "program_id", int(pid))
+        addr, cnt, rst = (a if type(a) is np.ndarray else np.asarray(a)
+                          for a in (self.addresses, self.set_counts, self.reset))
         if addr.ndim != 1 or cnt.shape != addr.shape or rst.shape != addr.shape:
             raise ProgramError(f"addresses, set_counts and reset must be 1-D of one length, got shapes "
                                f"{addr.shape}, {cnt.shape}, {rst.shape}")
-        if addr.size and not np.issubdtype(addr.dtype, np.integer):
+        # Integer dtypes are numpy's kinds "i" and "u" (what np.issubdtype(dt, np.integer) accepts).
+        if addr.dtype is not _INT64 and addr.size and addr.dtype.kind not in "iu":
             raise ProgramError(f"addresses must be integers, got dtype {addr.dtype}")
-        if cnt.size and not np.issubdtype(cnt.dtype, np.integer):
+        if cnt.dtype is not _INT64 and cnt.size and cnt.dtype.kind not in "iu":
             raise ProgramError(f"set_counts must be integers, got dtype {cnt.dtype}")
         if rst.size and rst.dtype != np.bool_:
             raise ProgramError(f"reset must be booleans, got dtype {rst.dtype}")
         if cnt.size and cnt.min() < 0:
             i = int(np.argmin(cnt))
             raise ProgramError(f"negative SET count {int(cnt[i])} for device {int(addr[i])}")
-        object.__setattr__(self, "program_id", int(self.program_id))
-        object.__setattr__(self, "addresses", addr.astype(np.int64, copy=False))
-        object.__setattr__(self, "set_counts", cnt.astype(np.int64, copy=False))
-        object.__setattr__(self, "reset", rst.astype(np.bool_, copy=False))
+        object.__setattr__(self, "addresses", addr if addr.dtype is _INT64 else addr.astype(np.int64, copy=False))
+        object.__setattr__(self, "set_counts", cnt if cnt.dtype is _INT64 else cnt.astype(np.int64, copy=False))
+        object.__setattr__(self, "reset", rst if rst.dtype is _BOOL else rst.astype(np.bool_, copy=False))
 
     @property
     def n_devices(self) -> int:
         return int(self.addresses.size)
 
-    @property
+    # Counted once: the driver and the trainer's books both ask (a program's arrays are not changed after it is made).
+    @cached_property
     def set_pulses(self) -> int:
         """Total SET pulses in the program."""
         return int(self.set_counts.sum())
 
-    @property
+    @cached_property
     def reset_pulses(self) -> int:
         """Total RESET pulses in the program."""
         return int(self.reset.sum())

@@ -58,14 +58,18 @@ class SafetyLimits(BaseModel):
         The addresses must already have passed geometry.check_addresses (ArrayDriver.check_program does both).
         """
         p = program
-        if p.reset.any():
+        n = p.n_devices
+        has_reset = bool(p.reset.any())
+        # Counts are non-negative (PulseProgram checks), so any SET pulse means a positive maximum.
+        most_sets = int(p.set_counts.max()) if n else 0
+        if has_reset:
             self.check_shape("reset", p.shapes.reset, self.reset_amplitude_ua, self.reset_width_ns)
-        if p.set_counts.any():
+        if most_sets > 0:
             self.check_shape("set", p.shapes.set, self.set_amplitude_ua, self.set_width_ns)
-        if p.n_devices > self.max_devices_per_program:
+        if n > self.max_devices_per_program:
             raise SafetyViolation("max_devices_per_program",
-                                  f"{p.n_devices} devices addressed, at most {self.max_devices_per_program} allowed")
-        if p.n_devices == 0:
+                                  f"{n} devices addressed, at most {self.max_devices_per_program} allowed")
+        if n == 0:
             return
         # Each check is one reduction on the good path; the offender is looked up only on failure.
         hi = geometry.n_devices - 1 if self.address_max is None else min(self.address_max, geometry.n_devices - 1)
@@ -74,14 +78,15 @@ class SafetyLimits(BaseModel):
             if outside.any():
                 raise SafetyViolation("address range", f"address outside the allowed range {self.address_min} .. {hi}",
                                       int(p.addresses[np.argmax(outside)]))
-        if p.set_counts.max() > self.max_set_pulses_per_device:
+        if most_sets > self.max_set_pulses_per_device:
             i = int(np.argmax(p.set_counts > self.max_set_pulses_per_device))
             raise SafetyViolation("max_set_pulses_per_device",
                                   f"{int(p.set_counts[i])} SET pulses, at most {self.max_set_pulses_per_device} allowed",
                                   int(p.addresses[i]))
         if lifetime_pulses is not None:
             after = lifetime_pulses[p.addresses] + p.set_counts
-            after += p.reset
+            if has_reset:
+                after += p.reset
             if after.max() > self.lifetime_pulse_budget:
                 i = int(np.argmax(after > self.lifetime_pulse_budget))
                 raise SafetyViolation("lifetime_pulse_budget",

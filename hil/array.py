@@ -7,6 +7,8 @@ run. Conductances in microsiemens; weights W = beta * (G+ - G-) in weight units.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +46,34 @@ def open_loop_counts(dg_us: np.ndarray, mean_response_us: np.ndarray, cap: int) 
     k = np.clip(np.searchsorted(gain, dg_us), 1, gain.size - 1)
     lower_nearer = np.abs(dg_us - gain[k - 1]) <= np.abs(gain[k] - dg_us)
     return np.where(lower_nearer, k - 1, k).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def pulse_threshold(eps: float) -> float:
+    """The least x >= 0 with fl(x * (1.0 / eps)) >= 1.0: |chi| >= it exactly when one SET pulse is due.
+
+    Rounded multiplication by a positive constant never decreases as x grows, so the weights with
+    fl(|chi| * (1 / eps)) >= 1 are exactly those with |chi| >= this threshold: the scan compares
+    against it instead of scaling every touched chi first.
+    """
+    inv = 1.0 / eps
+    x = eps
+    while x > 0.0 and x * inv >= 1.0:
+        x = math.nextafter(x, 0.0)
+    while x * inv < 1.0:
+        x = math.nextafter(x, math.inf)
+    return x
+
+
+@dataclass
+class LayerPulses:
+    """One layer's part of an update program, as plan_update made it: what settle and the read-back need."""
+
+    layer: int
+    widx: np.ndarray      # flat weight indices pulsed
+    signed: np.ndarray    # int64 SET pulses, + on G+, - on G-
+    plus: np.ndarray      # the weights' G+ addresses
+    minus: np.ndarray     # the weights' G- addresses
 
 
 @dataclass
@@ -89,6 +119,10 @@ class ArrayWeights:
         # Devices read since the last refresh check: only they can have crossed the threshold.
         self._dirty: list[np.ndarray] = []
         self._dirty_all = True
+        # The last update program plan_update made, with its per-layer parts: settle and the read-back use
+        # them instead of mapping the program's addresses back to weights (a program from elsewhere, such as
+        # the journal on resume, is not this object and takes the reverse mapping).
+        self._planned: tuple[PulseProgram, list[LayerPulses]] | None = None
 
     # ------------------------------------------------------------------ reads
     def _reason(self, reason: str) -> contextlib.AbstractContextManager:
@@ -110,9 +144,17 @@ class ArrayWeights:
             for lm, w in zip(self.mapping.layers, self.w):
                 np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)
                 w *= lm.beta
+        elif self._planned is not None and addresses is self._planned[0].addresses:
+            self._refresh_planned_weights(self._planned[1])
         else:
             self._refresh_weights(r.addresses)
         return r
+
+    def _refresh_planned_weights(self, parts: list[LayerPulses]) -> None:
+        g = self.g
+        for part in parts:
+            lm = self.mapping.layers[part.layer]
+            self.w[part.layer].flat[part.widx] = lm.beta * (g[part.plus] - g[part.minus])
 
     def _refresh_weights(self, addresses: np.ndarray) -> None:
         m = self.mapping
@@ -148,6 +190,11 @@ class ArrayWeights:
 
     def settle(self, program: PulseProgram) -> None:
         """chi -= sign * n * eps for each weight an update program pulsed (G+: sign +1, G-: sign -1)."""
+        if self._planned is not None and program is self._planned[0]:
+            for part in self._planned[1]:
+                self.chi[part.layer].flat[part.widx] -= part.signed * self.eps[part.layer]
+                self.net_pulses[part.layer].flat[part.widx] += part.signed
+            return
         m = self.mapping
         layer = m.layer_of[program.addresses]
         for lm, chi, net, eps in zip(m.layers, self.chi, self.net_pulses, self.eps):
@@ -167,27 +214,35 @@ class ArrayWeights:
         return [accumulate_rows(chi, a, d, self.lr) for chi, (a, d) in zip(self.chi, factors)]
 
     def plan_update(self, touched: list[tuple[np.ndarray, np.ndarray]]) -> PulseProgram | None:
-        """The step's one program: n = min(floor(|chi| / eps), cap) SET pulses to G+ (chi > 0) or G- (chi < 0)."""
-        addr_parts, count_parts = [], []
+        """The step's one program: n = min(floor(|chi| / eps), cap) SET pulses to G+ (chi > 0) or G- (chi < 0).
+
+        n is floor(fl(|chi| * (1.0 / eps))); only the weights with |chi| >= pulse_threshold(eps) get n >= 1.
+        """
+        addr_parts, count_parts, parts = [], [], []
         for lm, eps, (rows, sub) in zip(self.mapping.layers, self.eps, touched):
             if rows.size == 0:
                 continue
-            q = np.abs(sub)
-            q *= 1.0 / eps
-            hit = np.flatnonzero(q >= 1.0)  # a flat bool scan: the cheap way to find the few weights that pulse
+            q = np.abs(sub).ravel()
+            hit = np.flatnonzero(q >= pulse_threshold(eps))  # a flat bool scan: the few weights that pulse
             if hit.size == 0:
                 continue
             r, c = np.divmod(hit, sub.shape[1])
-            v = sub.ravel()[hit]
-            counts = np.minimum(np.floor(q.ravel()[hit]), self.max_pulses).astype(np.int64)
-            wr = rows[r]
-            addr = np.where(v > 0, lm.plus[wr, c], lm.minus[wr, c])
-            addr_parts.append(addr)
+            widx = rows[r] * sub.shape[1] + c
+            counts = np.minimum(np.floor(q[hit] * (1.0 / eps)), self.max_pulses).astype(np.int64)
+            pos = sub.ravel()[hit] > 0
+            plus, minus = lm.plus.ravel()[widx], lm.minus.ravel()[widx]
+            addr_parts.append(np.where(pos, plus, minus))
             count_parts.append(counts)
+            parts.append(LayerPulses(lm.index, widx, np.where(pos, counts, -counts), plus, minus))
         if not addr_parts:
             return None
-        addr = np.concatenate(addr_parts)
-        return self._new_program(addr, np.concatenate(count_parts), np.zeros(addr.size, np.bool_))
+        if len(addr_parts) == 1:
+            addr, counts = addr_parts[0], count_parts[0]
+        else:
+            addr, counts = np.concatenate(addr_parts), np.concatenate(count_parts)
+        prog = self._new_program(addr, counts, np.zeros(addr.size, np.bool_))
+        self._planned = (prog, parts)
+        return prog
 
     # ------------------------------------------------------------------ initial programming and refresh
     def program_pairs(self, layer: int, widx: np.ndarray, target_w: np.ndarray) -> PulseProgram:

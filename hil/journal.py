@@ -31,15 +31,68 @@ class JournalError(RuntimeError):
 
 def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     """One journal record: meta (JSON-able) and named arrays (kept bit-exact, dtype and shape stored)."""
-    spec = []
-    raw = []
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        spec.append([name, a.dtype.str, list(a.shape)])
-        raw.append(a.tobytes())
-    header = json.dumps({"meta": meta, "arrays": spec}, separators=(",", ":")).encode()
-    body = b"".join([_U32.pack(len(header)), header, *raw])
-    return b"".join([_U32.pack(len(body)), body, _U32.pack(zlib.crc32(body))])
+    raw = [np.ascontiguousarray(a) for a in arrays.values()]
+    header = _header(meta, arrays.keys(), raw)
+    parts = [b"", _U32.pack(len(header)), header, *(a.data for a in raw)]
+    crc = 0
+    blen = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        blen += part.nbytes if isinstance(part, memoryview) else len(part)
+    parts[0] = _U32.pack(blen)
+    parts.append(_U32.pack(crc))
+    return b"".join(parts)
+
+
+def _header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
+    """The record's JSON header, byte for byte what json.dumps(..., separators=(",", ":")) writes.
+
+    Every step writes one, so the common case (int and plain-ASCII str values) is formatted by hand
+    from cached pieces; anything else goes through json.dumps.
+    """
+    fields = []
+    for k, v in meta.items():
+        t = type(v)
+        if type(k) is not str or not _plain(k):
+            return _json_header(meta, names, raw)
+        if t is int:
+            fields.append(f'"{k}":{v}')
+        elif t is str and _plain(v):
+            fields.append(f'"{k}":"{v}"')
+        else:
+            return _json_header(meta, names, raw)
+    specs = []
+    for name, a in zip(names, raw):
+        key = (name, a.dtype, a.shape)
+        piece = _SPEC_PIECES.get(key)
+        if piece is None:
+            if type(name) is not str or not _plain(name):
+                return _json_header(meta, names, raw)
+            if len(_SPEC_PIECES) >= 4096:
+                _SPEC_PIECES.clear()
+            piece = _SPEC_PIECES[key] = json.dumps([name, a.dtype.str, list(a.shape)], separators=(",", ":"))
+        specs.append(piece)
+    return f'{{"meta":{{{",".join(fields)}}},"arrays":[{",".join(specs)}]}}'.encode()
+
+
+def _json_header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
+    spec = [[name, a.dtype.str, list(a.shape)] for name, a in zip(names, raw)]
+    return json.dumps({"meta": meta, "arrays": spec}, separators=(",", ":")).encode()
+
+
+# Strings json.dumps writes as '"' + s + '"' (no escapes), learned as they are seen.
+_PLAIN: set[str] = set()
+_SPEC_PIECES: dict[tuple[str, np.dtype, tuple[int, ...]], str] = {}
+
+
+def _plain(s: str) -> bool:
+    if s in _PLAIN:
+        return True
+    if not (s.isascii() and s.isprintable() and '"' not in s and "\\" not in s):
+        return False
+    if len(_PLAIN) < 4096:
+        _PLAIN.add(s)
+    return True
 
 
 def decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -36,6 +36,24 @@ IntArray = npt.NDArray[np.integer]
 FloatArray = npt.NDArray[np.float32]
 
 
+class _SetConstants:
+    """PCMParams' SET-model and read-noise constants as float32 scalars: what the arithmetic casts the Python floats to."""
+
+    def __init__(self, p: PCMParams) -> None:
+        self.params = p
+        self.mean_offset = np.float32(p.set_mean_offset_us)
+        self.decay = np.float32(-1.0 / p.history_pulses)
+        self.std_slope = np.float32(p.set_std_slope)
+        self.std_offset = np.float32(p.set_std_offset_us)
+        self.std_history = np.float32(p.set_std_history_us)
+        self.mean_slope = np.float32(p.set_mean_slope)
+        self.mean_history = np.float32(p.set_mean_history_us)
+        self.g_min = np.float32(p.g_min_us)
+        self.g_max = np.float32(p.g_max_us)
+        self.read_noise_rel = np.float32(p.read_noise_rel)
+        self.read_noise_abs = np.float32(p.read_noise_abs_us)
+
+
 class PCMArray:
     """A simulated array of PCM devices, seeded and vectorized; one call acts on many devices."""
 
@@ -45,6 +63,7 @@ class PCMArray:
             raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
         _check_time(t)
         self.params = params if params is not None else PCMParams()
+        self._set_consts: _SetConstants | None = None
         self.seed = int(seed)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         p = self.params
@@ -121,8 +140,10 @@ class PCMArray:
         self._t_prog[addr] = t
 
     def _set_checked(self, addr: npt.NDArray[np.intp], cnt: npt.NDArray[np.int64], t: float) -> None:
-        keep = cnt > 0
-        if not keep.all():
+        if cnt.size == 0:
+            return
+        if cnt.min() <= 0:
+            keep = cnt > 0
             if not keep.any():
                 return
             addr, cnt = addr[keep], cnt[keep]
@@ -130,35 +151,53 @@ class PCMArray:
             # Devices sorted by pulse count, most first: the devices still pulsing in pass k are a prefix.
             order = np.argsort(-cnt, kind="stable")
             addr, cnt = addr[order], cnt[order]
-            active = np.searchsorted(-cnt, -np.arange(1, int(cnt[0]) + 1), side="right")
+            active = np.searchsorted(-cnt, -np.arange(1, int(cnt[0]) + 1), side="right").tolist()
         else:
             active = [addr.size]
 
-        p = self.params
+        c = self._set_constants()
         g = self._drifted(addr, t)
         hist = self._pulses[addr].astype(np.float32)
         mean_gain = self._d2d[addr]
         # Per-device constant part of the mean, folded in once: f * c1.
-        base_mean = mean_gain * np.float32(p.set_mean_offset_us)
-        decay = np.float32(-1.0 / p.history_pulses)
-        for k, m in enumerate(active, start=1):
-            gk = g[:m]
-            hk = hist[:m]
+        base_mean = mean_gain * c.mean_offset
+        n = addr.size
+        # Scratch for the pass: the same float32 operations in the same order as the plain expressions
+        # (sigma = m2 * g + c2 + A2 * P; mean = (m1 * g + A1 * P) * f + f * c1), without new temporaries.
+        pk_buf, sigma_buf, mean_buf = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+        for m in active:
+            gk = g[:m] if m < n else g
+            hk = hist[:m] if m < n else hist
+            pk = pk_buf[:m] if m < n else pk_buf
+            sigma = sigma_buf[:m] if m < n else sigma_buf
+            mean = mean_buf[:m] if m < n else mean_buf
             hk += 1.0  # the pulse about to be applied is pulse number hist+1 since RESET
-            pk = np.exp(hk * decay)
-            sigma = p.set_std_slope * gk + np.float32(p.set_std_offset_us)
-            sigma += np.float32(p.set_std_history_us) * pk
+            np.multiply(hk, c.decay, out=pk)
+            np.exp(pk, out=pk)
+            np.multiply(gk, c.std_slope, out=sigma)
+            sigma += c.std_offset
+            np.multiply(pk, c.std_history, out=mean)  # mean_buf as scratch for A2 * P
+            sigma += mean
             sigma *= self._rng.standard_normal(m, dtype=np.float32)
-            mean = np.float32(p.set_mean_slope) * gk
-            mean += np.float32(p.set_mean_history_us) * pk
-            mean *= mean_gain[:m]
-            mean += base_mean[:m]
+            np.multiply(gk, c.mean_slope, out=mean)
+            np.multiply(pk, c.mean_history, out=pk)
+            mean += pk
+            mean *= mean_gain[:m] if m < n else mean_gain
+            mean += base_mean[:m] if m < n else base_mean
             gk += mean
             gk += sigma
-            np.clip(gk, p.g_min_us, p.g_max_us, out=gk)
+            np.maximum(gk, c.g_min, out=gk)  # clip, as minimum(maximum(g, lo), hi)
+            np.minimum(gk, c.g_max, out=gk)
         self._g[addr] = g
         self._pulses[addr] += cnt.astype(np.uint32)
         self._t_prog[addr] = t
+
+    def _set_constants(self) -> _SetConstants:
+        """The SET model's and read noise's float32 constants, made once per params object."""
+        c = self._set_consts
+        if c is None or c.params is not self.params:
+            c = self._set_consts = _SetConstants(self.params)
+        return c
 
     def apply(self, addresses: IntArray, set_counts: IntArray, reset: npt.NDArray[np.bool_], t: float,
               *, validate: bool = True) -> None:
@@ -275,6 +314,7 @@ class PCMArray:
             if a.dtype != dt or a.shape != (n,):
                 raise StateFileError(f"{name}: array {k!r} has {a.dtype} {a.shape}, expected {np.dtype(dt)} ({n},)")
         self = cls.__new__(cls)
+        self._set_consts = None
         try:
             self.params = PCMParams.model_validate(meta["params"])
             self.seed = int(meta["seed"])
@@ -352,11 +392,12 @@ class PCMArray:
         out *= g
 
     def _add_read_noise(self, g: FloatArray) -> None:
-        p = self.params
+        c = self._set_constants()
         noise = self._rng.standard_normal(g.size, dtype=np.float32)
-        noise *= np.float32(p.read_noise_rel) * g + np.float32(p.read_noise_abs_us)
+        noise *= c.read_noise_rel * g + c.read_noise_abs
         g += noise
-        np.clip(g, p.g_min_us, p.g_max_us, out=g)
+        np.maximum(g, c.g_min, out=g)  # clip, as minimum(maximum(g, lo), hi)
+        np.minimum(g, c.g_max, out=g)
 
 
 def _check_time(t: float) -> None:

@@ -4,12 +4,16 @@ an in-flight program the tester never applied is settled as unapplied on resume.
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from hil.journal import Journal, JournalError, read_journal
+from hil.journal import Journal, JournalError, decode_body, encode_record, read_journal
 
 
 def _write(path: Path, n: int) -> list[np.ndarray]:
@@ -89,3 +93,26 @@ def test_in_flight_program_never_applied_is_settled_as_unapplied(tmp_path: Path)
         np.add.at(logged, p.addresses, p.set_counts + p.reset)
     np.testing.assert_array_equal(after, logged)
     assert after[0] >= before[0]
+
+
+_json_value = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                           | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+
+
+@given(meta=st.dictionaries(st.text(max_size=8), _json_value, max_size=6),
+       names=st.lists(st.text(max_size=6), max_size=4, unique=True),
+       dtypes=st.lists(st.sampled_from(["<f8", "<f4", "<i8", ">i4", "|b1", "<u2"]), min_size=4, max_size=4),
+       shapes=st.lists(st.lists(st.integers(0, 3), max_size=3), min_size=4, max_size=4))
+def test_record_bytes_are_those_of_plain_json_encoding(meta: dict, names: list[str], dtypes: list[str],
+                                                       shapes: list[list[int]]) -> None:
+    """The hand-formatted header is byte for byte json.dumps' (the format docs/checkpoint.md describes)."""
+    arrays = {n: (np.arange(int(np.prod(s))) % 3).astype(d).reshape(s) for n, d, s in zip(names, dtypes, shapes)}
+    stored = [np.ascontiguousarray(a) for a in arrays.values()]  # as the format always did: 0-d stored as 1-d
+    spec = [[n, a.dtype.str, list(a.shape)] for n, a in zip(arrays, stored)]
+    header = json.dumps({"meta": meta, "arrays": spec}, separators=(",", ":")).encode()
+    body = b"".join([struct.pack("<I", len(header)), header, *(a.tobytes() for a in stored)])
+    expected = b"".join([struct.pack("<I", len(body)), body, struct.pack("<I", zlib.crc32(body))])
+    for _ in range(2):  # the second encoding comes from the cached header pieces
+        assert encode_record(meta, arrays) == expected
+    got_meta, got_arrays = decode_body(expected[4:-4])
+    assert got_meta == meta and list(got_arrays) == names
