@@ -30,6 +30,12 @@ class ArrayDriver(ABC):
         # Pulses (SET + RESET) this driver knows each device has had: the endurance budget's ledger.
         self._lifetime_pulses = np.zeros(geometry.n_devices, np.int64)
         self._closed = False
+        # The last program check_program passed and its devices' ledger totals once applied: applying it
+        # stores those totals, and reading its addresses back needs no second check (a PulseProgram's
+        # arrays are not changed after it is made).
+        self._checked_program: PulseProgram | None = None
+        self._checked_after: npt.NDArray[np.integer] | None = None
+        self._checked_addresses: npt.NDArray[np.int64] | None = None
 
     # ------------------------------------------------------------------ description
     @property
@@ -61,9 +67,11 @@ class ArrayDriver(ABC):
     def read(self, addresses: npt.ArrayLike | None = None) -> ReadResult:
         """Read conductances (uS, float32) of addresses, or of the whole array in address order."""
         self._check_open()
-        addr = (np.arange(self._geometry.n_devices, dtype=np.int64) if addresses is None
-                else self._geometry.check_addresses(addresses))
-        return self._read(addr, whole=addresses is None)
+        if addresses is None:
+            return self._read(np.arange(self._geometry.n_devices, dtype=np.int64), whole=True)
+        if addresses is self._checked_addresses:
+            return self._read(addresses, whole=False)
+        return self._read(self._geometry.check_addresses(addresses), whole=False)
 
     def apply(self, program: PulseProgram) -> None:
         """Apply one program exactly once; checked against the safety limits before anything is sent."""
@@ -74,7 +82,9 @@ class ArrayDriver(ABC):
         """Raise the error apply() would raise for program (addresses, safety limits, pulse budget); send nothing."""
         self._check_open()
         self._geometry.check_addresses(program.addresses)
-        self._limits.check_program(program, self._geometry, self._lifetime_pulses)
+        after = self._limits.check_program(program, self._geometry, self._lifetime_pulses)
+        self._checked_program, self._checked_after = program, after
+        self._checked_addresses = program.addresses
 
     def _apply_checked(self, program: PulseProgram) -> None:
         """Apply a program that check_program() passed and count its pulses in the endurance ledger.
@@ -82,6 +92,11 @@ class ArrayDriver(ABC):
         Wrappers (LoggedDriver) call this on the driver they wrap, so a program is checked once.
         """
         self._apply(program)
+        if program is self._checked_program and self._checked_after is not None:
+            # The check summed ledger and program already; nothing touched the ledger since.
+            self._lifetime_pulses[program.addresses] = self._checked_after
+            self._checked_program = self._checked_after = None
+            return
         # Addresses are unique (checked), so a fancy-index add counts each once.
         pulses = program.set_counts + program.reset if program.reset_pulses else program.set_counts
         self._lifetime_pulses[program.addresses] += pulses

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
@@ -50,15 +50,9 @@ class LoggedDriver(ArrayDriver):
         writer.set_attrs(driver_identity=self.inner.identity, driver_rows=g.rows, driver_cols=g.cols,
                          driver_limits_json=self.inner.limits.model_dump_json())
 
-    @contextmanager
-    def reading(self, reason: str) -> Iterator[None]:
-        """Reads inside the block are logged with reason instead of self.reason."""
-        saved = self.reason
-        self.reason = reason
-        try:
-            yield
-        finally:
-            self.reason = saved
+    def reading(self, reason: str) -> _Reading:
+        """Reads inside the block (a with statement) are logged with reason instead of self.reason."""
+        return _Reading(self, reason)
 
     # ------------------------------------------------------------------ pass-through description
     @property
@@ -119,3 +113,20 @@ class LoggedDriver(ArrayDriver):
     def _close(self) -> None:
         # The writer and inner belong to the caller, who may still want them; close only the wrapper.
         pass
+
+
+class _Reading:
+    """LoggedDriver.reading's context: a plain class, as it wraps every read-back of the training loop."""
+
+    __slots__ = ("driver", "reason", "saved")
+
+    def __init__(self, driver: LoggedDriver, reason: str) -> None:
+        self.driver, self.reason = driver, reason
+
+    def __enter__(self) -> None:
+        self.saved = self.driver.reason
+        self.driver.reason = self.reason
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.driver.reason = self.saved

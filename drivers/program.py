@@ -120,6 +120,11 @@ class PulseProgram:
         return int(self.set_counts.sum())
 
     @cached_property
+    def most_set_pulses(self) -> int:
+        """The largest SET count of any device in the program (0 for an empty one)."""
+        return int(self.set_counts.max()) if self.set_counts.size else 0
+
+    @cached_property
     def reset_pulses(self) -> int:
         """Total RESET pulses in the program."""
         return int(self.reset.sum())

@@ -510,7 +510,7 @@ class RunLogWriter:
     def _log_program(self, step: int, p: PulseProgram, t_s: float | None, wall_s: float | None) -> None:
         """log_program without the address checks (for callers whose addresses were checked already)."""
         self._check_open()
-        if p.n_devices and int(p.set_counts.max()) > U16_MAX:
+        if p.most_set_pulses > U16_MAX:
             raise RunLogError(f"program {p.program_id}: a SET count above {U16_MAX} cannot be logged")
         if p.shapes is self._last_shapes:
             code = self._last_shapes_code

@@ -51,17 +51,19 @@ class SafetyLimits(BaseModel):
             raise SafetyViolation(f"{name}_width_ns", f"width {shape.width_ns} ns is outside [{width.min}, {width.max}] ns")
 
     def check_program(self, program: PulseProgram, geometry: Geometry,
-                      lifetime_pulses: npt.NDArray[np.integer] | None = None) -> None:
+                      lifetime_pulses: npt.NDArray[np.integer] | None = None) -> npt.NDArray[np.integer] | None:
         """Raise SafetyViolation naming the limit (and the first offending device) if program breaks one.
 
         lifetime_pulses: pulses each device has had so far (indexed by address), for the endurance budget.
         The addresses must already have passed geometry.check_addresses (ArrayDriver.check_program does both).
+        Returns, when lifetime_pulses is given, the pulses each addressed device will have had once the
+        program is applied (in program order; None otherwise).
         """
         p = program
         n = p.n_devices
         has_reset = bool(p.reset.any())
         # Counts are non-negative (PulseProgram checks), so any SET pulse means a positive maximum.
-        most_sets = int(p.set_counts.max()) if n else 0
+        most_sets = p.most_set_pulses
         if has_reset:
             self.check_shape("reset", p.shapes.reset, self.reset_amplitude_ua, self.reset_width_ns)
         if most_sets > 0:
@@ -70,7 +72,7 @@ class SafetyLimits(BaseModel):
             raise SafetyViolation("max_devices_per_program",
                                   f"{n} devices addressed, at most {self.max_devices_per_program} allowed")
         if n == 0:
-            return
+            return None if lifetime_pulses is None else np.zeros(0, np.int64)
         # Each check is one reduction on the good path; the offender is looked up only on failure.
         hi = geometry.n_devices - 1 if self.address_max is None else min(self.address_max, geometry.n_devices - 1)
         if self.address_min > 0 or hi < geometry.n_devices - 1:
@@ -92,3 +94,5 @@ class SafetyLimits(BaseModel):
                 raise SafetyViolation("lifetime_pulse_budget",
                                       f"the program would bring the device to {int(after[i])} pulses, "
                                       f"budget {self.lifetime_pulse_budget}", int(p.addresses[i]))
+            return after
+        return None

@@ -217,19 +217,20 @@ class ArrayWeights:
         """The step's one program: n = min(floor(|chi| / eps), cap) SET pulses to G+ (chi > 0) or G- (chi < 0).
 
         n is floor(fl(|chi| * (1.0 / eps))); only the weights with |chi| >= pulse_threshold(eps) get n >= 1.
+        touched is accumulate()'s result, and is used up: its chi copies are overwritten with |chi|.
         """
         addr_parts, count_parts, parts = [], [], []
-        for lm, eps, (rows, sub) in zip(self.mapping.layers, self.eps, touched):
+        for lm, eps, chi, (rows, sub) in zip(self.mapping.layers, self.eps, self.chi, touched):
             if rows.size == 0:
                 continue
-            q = np.abs(sub).ravel()
+            q = np.abs(sub, out=sub).ravel()  # in place: the copy is still in cache, a new array would not be
             hit = np.flatnonzero(q >= pulse_threshold(eps))  # a flat bool scan: the few weights that pulse
             if hit.size == 0:
                 continue
             r, c = np.divmod(hit, sub.shape[1])
             widx = rows[r] * sub.shape[1] + c
             counts = np.minimum(np.floor(q[hit] * (1.0 / eps)), self.max_pulses).astype(np.int64)
-            pos = sub.ravel()[hit] > 0
+            pos = chi.ravel()[widx] > 0
             plus, minus = lm.plus.ravel()[widx], lm.minus.ravel()[widx]
             addr_parts.append(np.where(pos, plus, minus))
             count_parts.append(counts)

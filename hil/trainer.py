@@ -69,6 +69,7 @@ class Trainer:
         self.unapplied_program_ids: list[int] = []
         self.weights = [w.copy() for w in self.w0] if array is None else array.w
         self._pending: Factors | None = None
+        self._pending_cols: list[np.ndarray] = []
         self._pending_meta: dict[str, Any] = {}
         use_mvm = array is not None and MVM in array.driver.capabilities
         path = cfg.update.path
@@ -127,6 +128,7 @@ class Trainer:
         rows = aw.accumulate(res.factors)
         prog = aw.plan_update(rows)
         self._pending = res.factors
+        self._pending_cols = [r for r, _ in rows]
         self._pending_meta = {"correct": correct, "n": len(idx)}
         if prog is None:
             self._journal_program(None)
@@ -146,8 +148,13 @@ class Trainer:
         if rec is None or rec.kind == UPDATE:
             assert self._pending is not None
             meta.update(kind=UPDATE, **self._pending_meta)
-            for i, (a, d) in enumerate(self._pending):
-                arrays[f"a{i}"] = a
+            for i, ((a, d), cols) in enumerate(zip(self._pending, self._pending_cols)):
+                if 2 * cols.size < a.shape[1]:
+                    # Only A's nonzero columns (the rows of chi the step touched) matter: store them, and which.
+                    arrays[f"a{i}_cols"] = cols
+                    arrays[f"a{i}"] = a[:, cols]
+                else:
+                    arrays[f"a{i}"] = a
                 arrays[f"d{i}"] = d
             self._pending = None
         else:
@@ -347,6 +354,20 @@ def restore(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray
     trainer.unapplied_program_ids = list(meta.get("unapplied_program_ids", []))
 
 
+def _journaled_input(arrays: dict[str, np.ndarray], layer: int, fan_in: int) -> np.ndarray:
+    """Layer input A of a journal record, (batch, fan_in + 1); records may hold only its nonzero columns.
+
+    The zeros put back are columns the live step skipped too, so accumulate() does the same arithmetic.
+    """
+    a = arrays[f"a{layer}"]
+    cols = arrays.get(f"a{layer}_cols")
+    if cols is None:
+        return a
+    dense = np.zeros((a.shape[0], fan_in), a.dtype)
+    dense[:, cols] = a
+    return dense
+
+
 @dataclass
 class RollForward:
     """What a resume found in the journal."""
@@ -373,7 +394,7 @@ def roll_forward(trainer: Trainer, journal_path: Path, reapply: bool) -> RollFor
         if kind == UPDATE:
             n_layers = len(aw.chi)
             aw.lr = trainer.lr_for(int(meta["epoch"]))
-            aw.accumulate([(arr[f"a{j}"], arr[f"d{j}"]) for j in range(n_layers)])
+            aw.accumulate([(_journaled_input(arr, j, aw.chi[j].shape[0]), arr[f"d{j}"]) for j in range(n_layers)])
             at = trainer.at
             at.step, at.epoch, at.pos = int(meta["step"]), int(meta["epoch"]), int(meta["pos"])
             at.seen += int(meta["n"])

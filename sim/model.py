@@ -72,6 +72,9 @@ class PCMArray:
         self._g = np.empty(n, np.float32)
         self._pulses = np.zeros(n, np.uint32)
         self._t_prog = np.full(n, float(t), np.float64)
+        # A lower bound on every device's t_prog (programming only moves t_prog forward): while
+        # t - floor <= t0, no device has drifted and reads skip the per-device check.
+        self._t_prog_floor = float(t)
         self._nu = np.empty(n, np.float32)
         self._d2d = np.empty(n, np.float32)
         for lo in range(0, n, _CHUNK):
@@ -164,7 +167,7 @@ class PCMArray:
         n = addr.size
         # Scratch for the pass: the same float32 operations in the same order as the plain expressions
         # (sigma = m2 * g + c2 + A2 * P; mean = (m1 * g + A1 * P) * f + f * c1), without new temporaries.
-        pk_buf, sigma_buf, mean_buf = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+        pk_buf, sigma_buf, mean_buf = np.empty((3, n), np.float32)
         for m in active:
             gk = g[:m] if m < n else g
             hk = hist[:m] if m < n else hist
@@ -324,6 +327,7 @@ class PCMArray:
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{name} has a malformed header: {e}") from e
         self._g, self._pulses, self._t_prog, self._nu, self._d2d = (arrays[k] for k in _STATE_ARRAYS)
+        self._t_prog_floor = float(self._t_prog.min())
         return self
 
     def state_equal(self, other: PCMArray) -> bool:
@@ -372,6 +376,8 @@ class PCMArray:
         return np.clip(g, p.g_min_us, p.g_max_us, out=g)
 
     def _drifted(self, addr: npt.NDArray[np.intp], t: float) -> FloatArray:
+        if t - self._t_prog_floor <= self.params.drift_t0_s:
+            return self._g[addr]  # no device has drifted yet: t - t_prog <= t - floor for each
         t_prog = self._t_prog[addr]
         if addr.size == 0 or t - t_prog.min() <= self.params.drift_t0_s:
             return self._g[addr]  # nothing has drifted yet (a copy: fancy indexing)
