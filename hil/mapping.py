@@ -8,6 +8,7 @@ Layers sit side by side from (row0, col0). Addresses are flat: row * cols + col.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -53,10 +54,12 @@ class Mapping:
     weight_of: np.ndarray   # int64 per device: flat index into the layer's weight matrix
     sign_of: np.ndarray     # int8 per device: +1 for G+, -1 for G-, 0 where unmapped
 
-    @property
+    @cached_property
     def addresses(self) -> np.ndarray:
-        """Every mapped address, sorted (int64)."""
-        return np.flatnonzero(self.layer_of >= 0).astype(np.int64)
+        """Every mapped address, sorted (int64, read-only: made once, shared by every full read and check)."""
+        a = np.flatnonzero(self.layer_of >= 0).astype(np.int64)
+        a.flags.writeable = False
+        return a
 
     @staticmethod
     def required_geometry(sizes: list[int], row0: int = 0, col0: int = 0) -> Geometry:
