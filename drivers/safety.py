@@ -61,7 +61,7 @@ class SafetyLimits(BaseModel):
         """
         p = program
         n = p.n_devices
-        has_reset = bool(p.reset.any())
+        has_reset = p.reset_pulses > 0  # counted once per program: the driver asks for it too
         # Counts are non-negative (PulseProgram checks), so any SET pulse means a positive maximum.
         most_sets = p.most_set_pulses
         if has_reset:

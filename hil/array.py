@@ -154,7 +154,8 @@ class ArrayWeights:
         g = self.g
         for part in parts:
             lm = self.mapping.layers[part.layer]
-            self.w[part.layer].flat[part.widx] = lm.beta * (g[part.plus] - g[part.minus])
+            # ravel(): a view (the host arrays are C-contiguous), cheaper to index than .flat
+            self.w[part.layer].ravel()[part.widx] = lm.beta * (g[part.plus] - g[part.minus])
 
     def _refresh_weights(self, addresses: np.ndarray) -> None:
         m = self.mapping
@@ -192,8 +193,8 @@ class ArrayWeights:
         """chi -= sign * n * eps for each weight an update program pulsed (G+: sign +1, G-: sign -1)."""
         if self._planned is not None and program is self._planned[0]:
             for part in self._planned[1]:
-                self.chi[part.layer].flat[part.widx] -= part.signed * self.eps[part.layer]
-                self.net_pulses[part.layer].flat[part.widx] += part.signed
+                self.chi[part.layer].ravel()[part.widx] -= part.signed * self.eps[part.layer]
+                self.net_pulses[part.layer].ravel()[part.widx] += part.signed
             return
         m = self.mapping
         layer = m.layer_of[program.addresses]

@@ -160,7 +160,8 @@ class PCMArray:
 
         c = self._set_constants()
         g = self._drifted(addr, t)
-        hist = self._pulses[addr].astype(np.float32)
+        pulses = self._pulses[addr]
+        hist = pulses.astype(np.float32)
         mean_gain = self._d2d[addr]
         # Per-device constant part of the mean, folded in once: f * c1.
         base_mean = mean_gain * c.mean_offset
@@ -192,7 +193,8 @@ class PCMArray:
             np.maximum(gk, c.g_min, out=gk)  # clip, as minimum(maximum(g, lo), hi)
             np.minimum(gk, c.g_max, out=gk)
         self._g[addr] = g
-        self._pulses[addr] += cnt.astype(np.uint32)
+        pulses += cnt.astype(np.uint32)
+        self._pulses[addr] = pulses
         self._t_prog[addr] = t
 
     def _set_constants(self) -> _SetConstants:
