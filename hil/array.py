@@ -65,6 +65,15 @@ def pulse_threshold(eps: float) -> float:
     return x
 
 
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique(x) for a 1-D array, without its fixed cost (tens of us, and a lazy import on first use)."""
+    s = np.sort(x)
+    keep = np.empty(s.size, np.bool_)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 @dataclass
 class LayerPulses:
     """One layer's part of an update program, as plan_update made it: what settle and the read-back need."""
@@ -225,7 +234,7 @@ class ArrayWeights:
             if rows.size == 0:
                 continue
             q = np.abs(sub, out=sub).ravel()  # in place: the copy is still in cache, a new array would not be
-            hit = np.flatnonzero(q >= pulse_threshold(eps))  # a flat bool scan: the few weights that pulse
+            hit = (q >= pulse_threshold(eps)).nonzero()[0]  # a flat bool scan: the few weights that pulse
             if hit.size == 0:
                 continue
             r, c = np.divmod(hit, sub.shape[1])
@@ -283,7 +292,7 @@ class ArrayWeights:
         over = cand[self.g[cand] > thr]
         over = over[m.layer_of[over] >= 0]
         layer = m.layer_of[over]
-        return [np.unique(m.weight_of[over[layer == lm.index]]) for lm in m.layers]
+        return [_sorted_unique(m.weight_of[over[layer == lm.index]]) for lm in m.layers]
 
     def refresh(self) -> int:
         """Refresh every pair past the threshold; returns how many pairs were refreshed."""

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hil.array import pulse_threshold
+from hil.array import _sorted_unique, pulse_threshold
 from hil.config import RunConfig
 from hil.data import load_digits
 from hil.journal import read_journal
@@ -97,3 +97,10 @@ def test_roll_forward_of_journaled_factors_gives_the_live_chi(tmp_path: Path) ->
             assert np.array_equal(x, y)
     finally:
         again.close()
+
+
+@given(st.lists(st.integers(-5, 40), max_size=60))
+def test_sorted_unique_is_np_unique(xs: list[int]) -> None:
+    x = np.array(xs, np.int64)
+    got, want = _sorted_unique(x), np.unique(x)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
