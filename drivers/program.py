@@ -14,6 +14,9 @@ from .errors import AddressError, ProgramError
 
 _INT64 = np.dtype(np.int64)
 _BOOL = np.dtype(np.bool_)
+# Reductions called as ufunc methods: the same arithmetic as ndarray.max() etc., without their Python
+# wrappers (every program and read of the training loop goes through these).
+_min, _max, _sum, _any = np.minimum.reduce, np.maximum.reduce, np.add.reduce, np.logical_or.reduce
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Geometry:
             if lo < 0 or hi >= self.n_devices:
                 raise AddressError(f"address {lo if lo < 0 else hi} is outside the {self.rows} x {self.cols} array "
                                    f"(0 .. {self.n_devices - 1})")
-            if unique and a.size > 1 and (s[1:] == s[:-1]).any():
+            if unique and a.size > 1 and _any(s[1:] == s[:-1]):
                 dup = s[1:][s[1:] == s[:-1]][0]
                 raise AddressError(f"address {int(dup)} appears more than once in one request")
         return a
@@ -102,7 +105,7 @@ class PulseProgram:
             raise ProgramError(f"set_counts must be integers, got dtype {cnt.dtype}")
         if rst.size and rst.dtype != np.bool_:
             raise ProgramError(f"reset must be booleans, got dtype {rst.dtype}")
-        if cnt.size and cnt.min() < 0:
+        if cnt.size and _min(cnt) < 0:
             i = int(np.argmin(cnt))
             raise ProgramError(f"negative SET count {int(cnt[i])} for device {int(addr[i])}")
         object.__setattr__(self, "addresses", addr if addr.dtype is _INT64 else addr.astype(np.int64, copy=False))
@@ -117,17 +120,17 @@ class PulseProgram:
     @cached_property
     def set_pulses(self) -> int:
         """Total SET pulses in the program."""
-        return int(self.set_counts.sum())
+        return int(_sum(self.set_counts))
 
     @cached_property
     def most_set_pulses(self) -> int:
         """The largest SET count of any device in the program (0 for an empty one)."""
-        return int(self.set_counts.max()) if self.set_counts.size else 0
+        return int(_max(self.set_counts)) if self.set_counts.size else 0
 
     @cached_property
     def reset_pulses(self) -> int:
         """Total RESET pulses in the program."""
-        return int(self.reset.sum())
+        return int(_sum(self.reset))
 
 
 @dataclass(frozen=True, eq=False)

@@ -89,7 +89,7 @@ class SafetyLimits(BaseModel):
             after = lifetime_pulses[p.addresses] + p.set_counts
             if has_reset:
                 after += p.reset
-            if after.max() > self.lifetime_pulse_budget:
+            if np.maximum.reduce(after) > self.lifetime_pulse_budget:
                 i = int(np.argmax(after > self.lifetime_pulse_budget))
                 raise SafetyViolation("lifetime_pulse_budget",
                                       f"the program would bring the device to {int(after[i])} pulses, "

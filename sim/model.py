@@ -145,12 +145,12 @@ class PCMArray:
     def _set_checked(self, addr: npt.NDArray[np.intp], cnt: npt.NDArray[np.int64], t: float) -> None:
         if cnt.size == 0:
             return
-        if cnt.min() <= 0:
+        if np.minimum.reduce(cnt) <= 0:
             keep = cnt > 0
             if not keep.any():
                 return
             addr, cnt = addr[keep], cnt[keep]
-        if cnt.max() > 1:
+        if np.maximum.reduce(cnt) > 1:
             # Devices sorted by pulse count, most first: the devices still pulsing in pass k are a prefix.
             order = np.argsort(-cnt, kind="stable")
             addr, cnt = addr[order], cnt[order]
@@ -221,7 +221,7 @@ class PCMArray:
         else:
             addr, cnt, rst = addresses, set_counts, reset
         self._advance(t)
-        if rst.any():
+        if np.logical_or.reduce(rst):
             self._reset_checked(addr[rst], t)
         self._set_checked(addr, cnt, t)
 
