@@ -45,7 +45,11 @@ class Geometry:
             a = a.astype(np.int64, copy=False)
         if a.size:
             # One sort gives the range and the duplicates (this runs on every step's program and read).
-            s = np.sort(a) if unique else a
+            if unique:
+                s = a.copy()
+                s.sort()  # (np.sort is this behind a Python wrapper)
+            else:
+                s = a
             lo, hi = (int(s[0]), int(s[-1])) if unique else (int(a.min()), int(a.max()))
             if lo < 0 or hi >= self.n_devices:
                 raise AddressError(f"address {lo if lo < 0 else hi} is outside the {self.rows} x {self.cols} array "
