@@ -32,7 +32,7 @@ class ArrayDriver(ABC):
         self._closed = False
         # The last program check_program passed and its devices' ledger totals once applied: applying it
         # stores those totals, and reading its addresses back needs no second check (a PulseProgram's
-        # arrays are not changed after it is made).
+        # arrays are read-only).
         self._checked_program: PulseProgram | None = None
         self._checked_after: npt.NDArray[np.integer] | None = None
         self._checked_addresses: npt.NDArray[np.int64] | None = None

@@ -76,6 +76,15 @@ class PulseShapes(BaseModel):
     reset: PulseShape = PulseShape(amplitude_ua=450.0, width_ns=50.0)
 
 
+def _frozen(a: np.ndarray, dtype: type) -> np.ndarray:
+    """a as a read-only array of dtype: a itself if it is one already, else a read-only copy."""
+    if a.dtype == dtype and not a.flags.writeable and a.flags.c_contiguous:
+        return a
+    out = np.array(a, dtype=dtype, order="C")
+    out.flags.writeable = False
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class PulseProgram:
     """What one apply() sends: per addressed device a SET pulse count and/or a RESET (RESET first).
@@ -112,15 +121,17 @@ class PulseProgram:
         if cnt.size and _min(cnt) < 0:
             i = int(np.argmin(cnt))
             raise ProgramError(f"negative SET count {int(cnt[i])} for device {int(addr[i])}")
-        object.__setattr__(self, "addresses", addr if addr.dtype is _INT64 else addr.astype(np.int64, copy=False))
-        object.__setattr__(self, "set_counts", cnt if cnt.dtype is _INT64 else cnt.astype(np.int64, copy=False))
-        object.__setattr__(self, "reset", rst if rst.dtype is _BOOL else rst.astype(np.bool_, copy=False))
+        # The program keeps read-only arrays of its own: drivers rely on a checked program staying as it
+        # was checked (its read-back skips a second address check, its pulse totals are cached).
+        object.__setattr__(self, "addresses", _frozen(addr, np.int64))
+        object.__setattr__(self, "set_counts", _frozen(cnt, np.int64))
+        object.__setattr__(self, "reset", _frozen(rst, np.bool_))
 
     @property
     def n_devices(self) -> int:
         return int(self.addresses.size)
 
-    # Counted once: the driver and the trainer's books both ask (a program's arrays are not changed after it is made).
+    # Counted once: the driver and the trainer's books both ask (a program's arrays are read-only).
     @cached_property
     def set_pulses(self) -> int:
         """Total SET pulses in the program."""

@@ -187,3 +187,15 @@ def test_dry_run_refuses_what_the_chip_would_refuse():
     with pytest.raises(SafetyViolation, match="max_set_pulses_per_device"):
         dry.apply(prog(addr=[0], counts=[2], reset=[False]))
     assert dry.programs == []
+
+
+def test_a_program_keeps_read_only_arrays_of_its_own():
+    """A checked program cannot change behind the driver's back (its read-back skips a second check)."""
+    addr, cnt, rst = np.array([3, 1]), np.array([2, 0]), np.array([False, True])
+    p = PulseProgram(1, addr, cnt, rst)
+    addr[0], cnt[0], rst[0] = 99, 50, True
+    assert p.addresses.tolist() == [3, 1] and p.set_counts.tolist() == [2, 0] and p.reset.tolist() == [False, True]
+    for a in (p.addresses, p.set_counts, p.reset):
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 0
+    assert addr.flags.writeable  # the caller's arrays are left as they were
