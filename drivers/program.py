@@ -78,9 +78,12 @@ class PulseShapes(BaseModel):
 
 def _frozen(a: np.ndarray, dtype: type) -> np.ndarray:
     """a as a read-only array of dtype: a itself if it is one already, else a read-only copy."""
-    if a.dtype == dtype and not a.flags.writeable and a.flags.c_contiguous:
-        return a
-    out = np.array(a, dtype=dtype, order="C")
+    if a.dtype == dtype:
+        if not a.flags.writeable and a.flags.c_contiguous:
+            return a
+        out = a.copy()
+    else:
+        out = a.astype(dtype)
     out.flags.writeable = False
     return out
 
