@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     print(f"scripts/bench accuracy: MNIST {cfg.network.hidden} sigmoid MLP, batch {cfg.update.batch_size}, "
           f"lr {cfg.update.lr}, {args.epochs} epochs, train samples {cfg.data.train_limit or 60000}, mock chip")
     print(f"  {'epoch':>5} {'PCM test acc':>13} {'baseline':>10} {'gap (pt)':>9}")
-    for i, (a, b) in enumerate(zip(per_epoch["pcm"], per_epoch["baseline"]), start=1):
+    for i, (a, b) in enumerate(zip(per_epoch["pcm"], per_epoch["baseline"], strict=True), start=1):
         print(f"  {i:>5} {100 * a:>12.2f}% {100 * b:>9.2f}% {100 * (b - a):>9.2f}")
     a, b = pcm["test_accuracy"], base.summary()["test_accuracy"]
     ok1, ok2 = a >= 0.9773, (b - a) <= 0.006

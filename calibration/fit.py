@@ -418,7 +418,7 @@ _INC_FIELDS = ("set_mean_slope", "set_mean_offset_us", "set_mean_history_us", "h
 
 def _with_increments(base: PCMParams, theta: FloatArray) -> PCMParams:
     """base with the increment model theta = (m1, c1, A1, a, m2, c2, A2, d2d variance)."""
-    fields = dict(zip(_INC_FIELDS, (float(v) for v in theta[:7])))
+    fields = dict(zip(_INC_FIELDS, (float(v) for v in theta[:7]), strict=True))
     fields["history_pulses"] = max(fields["history_pulses"], 1e-3)
     fields["d2d_update_spread"] = min(math.sqrt(max(float(theta[7]), 0.0)), 0.49)
     # An iterate may pass through a spread that is negative somewhere in the model's box (PCMParams
@@ -491,7 +491,7 @@ def fit_increments(p: PulseData, rn: ReadNoiseFit, bounds: Bounds, base: PCMPara
         d2d = Estimate(0.0, math.sqrt(max(d2d_var_se, 0.0)))
     else:
         d2d = Estimate(math.sqrt(d2d_var), d2d_var_se / (2 * math.sqrt(d2d_var)))
-    e = [Estimate(float(v), float(s)) for v, s in zip(theta, se)]
+    e = [Estimate(float(v), float(s)) for v, s in zip(theta, se, strict=True)]
     return IncrementFit(e[0], e[1], e[2], e[3], e[4], e[5], e[6], d2d, int(rows.mask.sum()))
 
 

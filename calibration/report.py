@@ -36,7 +36,7 @@ def describe_addresses(addresses: np.ndarray, limit: int = 20) -> str:
     breaks = np.flatnonzero(np.diff(a) != 1)
     starts = np.r_[a[0], a[breaks + 1]]
     ends = np.r_[a[breaks], a[-1]]
-    parts = [f"{s}" if s == e else f"{s}-{e}" for s, e in zip(starts[:limit], ends[:limit])]
+    parts = [f"{s}" if s == e else f"{s}-{e}" for s, e in zip(starts[:limit], ends[:limit], strict=True)]
     if starts.size > limit:
         parts.append(f"... ({starts.size - limit} more ranges)")
     return ", ".join(parts)

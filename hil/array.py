@@ -150,7 +150,7 @@ class ArrayWeights:
         else:
             self._dirty.append(r.addresses)
         if addresses is None:
-            for lm, w in zip(self.mapping.layers, self.w):
+            for lm, w in zip(self.mapping.layers, self.w, strict=True):
                 np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)
                 w *= lm.beta
         elif self._planned is not None and addresses is self._planned[0].addresses:
@@ -169,7 +169,7 @@ class ArrayWeights:
     def _refresh_weights(self, addresses: np.ndarray) -> None:
         m = self.mapping
         layer = m.layer_of[addresses]
-        for lm, w in zip(m.layers, self.w):
+        for lm, w in zip(m.layers, self.w, strict=True):
             widx = m.weight_of[addresses[layer == lm.index]]
             if widx.size:
                 w.flat[widx] = lm.beta * (self.g[lm.plus.flat[widx]] - self.g[lm.minus.flat[widx]])
@@ -207,7 +207,7 @@ class ArrayWeights:
             return
         m = self.mapping
         layer = m.layer_of[program.addresses]
-        for lm, chi, net, eps in zip(m.layers, self.chi, self.net_pulses, self.eps):
+        for lm, chi, net, eps in zip(m.layers, self.chi, self.net_pulses, self.eps, strict=True):
             sel = layer == lm.index
             if not sel.any():
                 continue
@@ -219,9 +219,9 @@ class ArrayWeights:
     def accumulate(self, factors: Factors) -> list[tuple[np.ndarray, np.ndarray]]:
         """chi += -lr * A^T D per layer; returns per layer the touched rows and their new chi values."""
         if self.total_update is not None:
-            for tot, (a, d) in zip(self.total_update, factors):
+            for tot, (a, d) in zip(self.total_update, factors, strict=True):
                 accumulate(tot, a, d, self.lr)
-        return [accumulate_rows(chi, a, d, self.lr) for chi, (a, d) in zip(self.chi, factors)]
+        return [accumulate_rows(chi, a, d, self.lr) for chi, (a, d) in zip(self.chi, factors, strict=True)]
 
     def plan_update(self, touched: list[tuple[np.ndarray, np.ndarray]]) -> PulseProgram | None:
         """The step's one program: n = min(floor(|chi| / eps), cap) SET pulses to G+ (chi > 0) or G- (chi < 0).
@@ -230,7 +230,7 @@ class ArrayWeights:
         touched is accumulate()'s result, and is used up: its chi copies are overwritten with |chi|.
         """
         addr_parts, count_parts, parts = [], [], []
-        for lm, eps, chi, (rows, sub) in zip(self.mapping.layers, self.eps, self.chi, touched):
+        for lm, eps, chi, (rows, sub) in zip(self.mapping.layers, self.eps, self.chi, touched, strict=True):
             if rows.size == 0:
                 continue
             q = np.abs(sub, out=sub).ravel()  # in place: the copy is still in cache, a new array would not be
@@ -269,7 +269,7 @@ class ArrayWeights:
 
     def initialize(self, weights: list[np.ndarray]) -> None:
         """Program the initial weights (RESET every mapped pair, open-loop SET) in one program, then read all."""
-        parts = [self.program_pairs(lm.index, np.arange(w.size), w.ravel()) for lm, w in zip(self.mapping.layers, weights)]
+        parts = [self.program_pairs(lm.index, np.arange(w.size), w.ravel()) for lm, w in zip(self.mapping.layers, weights, strict=True)]
         # One program for all layers: merge the per-layer ones under the first id.
         self.next_program_id = parts[0].program_id
         prog = self._new_program(np.concatenate([p.addresses for p in parts]),
@@ -301,7 +301,7 @@ class ArrayWeights:
         if n_pairs == 0:
             return 0
         verify = self.refresh_cfg.mode == "verify"
-        for lm, widx in zip(self.mapping.layers, todo):
+        for lm, widx in zip(self.mapping.layers, todo, strict=True):
             if widx.size == 0:
                 continue
             # A weight past the threshold itself is reprogrammed just below it, or it would refresh forever.

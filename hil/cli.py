@@ -37,7 +37,7 @@ def pulse_response_cmd(
     table.add_column("SET pulses", justify="right")
     table.add_column("mean G (uS)", justify="right")
     table.add_column("std G (uS)", justify="right")
-    for n, m, s in zip(r.pulses, r.mean_us, r.std_us):
+    for n, m, s in zip(r.pulses, r.mean_us, r.std_us, strict=True):
         table.add_row(str(n) + (" (RESET)" if n == 0 else ""), f"{m:.3f}", f"{s:.3f}")
     console.print(table)
     console.print(f"device granularity: {r.granularity_us:.4f} uS per SET pulse (mean gain over {pulses} pulses from RESET)")

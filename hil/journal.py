@@ -62,7 +62,7 @@ def _header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
         else:
             return _json_header(meta, names, raw)
     specs = []
-    for name, a in zip(names, raw):
+    for name, a in zip(names, raw, strict=True):
         key = (name, a.dtype, a.shape)
         piece = _SPEC_PIECES.get(key)
         if piece is None:
@@ -76,7 +76,7 @@ def _header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
 
 
 def _json_header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
-    spec = [[name, a.dtype.str, list(a.shape)] for name, a in zip(names, raw)]
+    spec = [[name, a.dtype.str, list(a.shape)] for name, a in zip(names, raw, strict=True)]
     return json.dumps({"meta": meta, "arrays": spec}, separators=(",", ":")).encode()
 
 

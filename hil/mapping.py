@@ -81,7 +81,7 @@ class Mapping:
         sign_of = np.zeros(n, np.int8)
         layers = []
         col = col0
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             pb = Block(row0, fan_in + 1, col, fan_out)
             mb = Block(row0, fan_in + 1, col + fan_out, fan_out)
             plus, minus = _block_addresses(pb, geometry.cols), _block_addresses(mb, geometry.cols)

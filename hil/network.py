@@ -42,7 +42,7 @@ def init_weights(sizes: Sequence[int], seed: int, scale: float = 1.0) -> list[np
     """Glorot-uniform weights (fan_in + 1, fan_out) per layer, bias row zero; float64, seeded."""
     rng = np.random.default_rng([seed, 1])
     out = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
         a = scale * np.sqrt(6.0 / (fan_in + fan_out))
         w = np.zeros((fan_in + 1, fan_out))
         w[:-1] = rng.uniform(-a, a, (fan_in, fan_out))
@@ -87,7 +87,7 @@ def fast_step(weights: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray) -> St
         d = (d @ weights[i][:-1].T) * h * (1.0 - h)
         deltas.append(d)
     deltas.reverse()
-    return StepResult(predicted, list(zip(acts, deltas)))
+    return StepResult(predicted, list(zip(acts, deltas, strict=True)))
 
 
 # ---------------------------------------------------------------------------------------------- module path
@@ -156,7 +156,7 @@ class AnalogMLP(nn.Module):
 
     def __init__(self, sizes: Sequence[int], sources: Sequence[WeightSource]) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(AnalogLinear(i, o, s) for i, o, s in zip(sizes[:-1], sizes[1:], sources))
+        self.layers = nn.ModuleList(AnalogLinear(i, o, s) for i, o, s in zip(sizes[:-1], sizes[1:], sources, strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:

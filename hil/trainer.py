@@ -117,7 +117,7 @@ class Trainer:
         correct = int(np.sum(res.predicted == y))
         at.correct += correct
         if self.array is None:
-            for w, (a, d) in zip(self.weights, res.factors):
+            for w, (a, d) in zip(self.weights, res.factors, strict=True):
                 accumulate(w, a, d, self.lr_for(at.epoch))
             return
         aw = self.array
@@ -148,7 +148,7 @@ class Trainer:
         if rec is None or rec.kind == UPDATE:
             assert self._pending is not None
             meta.update(kind=UPDATE, **self._pending_meta)
-            for i, ((a, d), cols) in enumerate(zip(self._pending, self._pending_cols)):
+            for i, ((a, d), cols) in enumerate(zip(self._pending, self._pending_cols, strict=True)):
                 if 2 * cols.size < a.shape[1]:
                     # Only A's nonzero columns (the rows of chi the step touched) matter: store them, and which.
                     arrays[f"a{i}_cols"] = cols

@@ -287,7 +287,7 @@ class PCMArray:
             "params": self.params.model_dump(),
             "rng": self._rng.bit_generator.state,
         }
-        return npz_bytes(meta, dict(zip(_STATE_ARRAYS, self._arrays())))
+        return npz_bytes(meta, dict(zip(_STATE_ARRAYS, self._arrays(), strict=True)))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PCMArray:
@@ -338,7 +338,7 @@ class PCMArray:
             self.params == other.params
             and self._now == other._now
             and self._rng.bit_generator.state == other._rng.bit_generator.state
-            and all(np.array_equal(a, b) for a, b in zip(self._arrays(), other._arrays()))
+            and all(np.array_equal(a, b) for a, b in zip(self._arrays(), other._arrays(), strict=True))
         )
 
     # ------------------------------------------------------------------ internals

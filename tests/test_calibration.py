@@ -133,7 +133,7 @@ def test_the_log_holds_exactly_what_was_read(tmp_path):
     logged = load_calibration_log(tmp_path / "log.h5")
     assert logged.plan == plan
     np.testing.assert_array_equal(logged.addresses, live.addresses)
-    for a, b in zip(live.pulse, logged.pulse):
+    for a, b in zip(live.pulse, logged.pulse, strict=True):
         assert a.shape == b.shape
         np.testing.assert_array_equal(a.reads_us, b.reads_us)
     np.testing.assert_array_equal(live.noise.after_reset_us, logged.noise.after_reset_us)

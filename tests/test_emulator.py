@@ -34,7 +34,7 @@ def operations(drv, first_id: int = 1, n_programs: int = 5) -> list[np.ndarray]:
 
 def assert_same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y)), (x, y)
 
 

@@ -49,7 +49,7 @@ def test_the_log_holds_exactly_what_the_driver_served(tmp_path):
         assert np.array_equal(ev["step"][:4], [0, 0, 1, 1])
         progs = r.programs()
         assert [p.program_id for _, _, p in progs] == [p.program_id for p in applied]
-        assert all(np.array_equal(p.set_counts, q.set_counts) for (_, _, p), q in zip(progs, applied))
+        assert all(np.array_equal(p.set_counts, q.set_counts) for (_, _, p), q in zip(progs, applied, strict=True))
         assert [s for s, _, _ in progs] == list(range(30))
         # The program's time is the driver clock just before it was sent: after the read of that step.
         assert all(t > ev["t_s"][2 * s] for s, t, _ in progs[:9])

@@ -48,7 +48,7 @@ def test_replay_re_serves_every_read_and_time(tmp_path):
         again = _session(r, np.random.default_rng(9), 20)
         assert r.remaining == 0 and r.last_program_id() == 20
     assert len(again) == len(live)
-    for x, y in zip(live, again):
+    for x, y in zip(live, again, strict=True):
         if isinstance(x, float):
             assert x == y
         else:

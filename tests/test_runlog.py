@@ -70,7 +70,7 @@ def test_round_trip_of_reads_programs_metrics_arrays_and_attrs(tmp_path):
         assert list(flat["reason"][28:32]) == ["periodic"] * 2 + ["after-program"] * 2
         progs = r.programs()
         assert len(progs) == 50
-        for (step, t, p), (step0, t0, p0) in zip(progs, logged["programs"]):
+        for (step, t, p), (step0, t0, p0) in zip(progs, logged["programs"], strict=True):
             assert step == step0 and t == t0 and _same_program(p, p0)
         m = r.metrics()
         assert list(m["step"]) == [10, 20]

@@ -30,7 +30,7 @@ def test_records_round_trip_bit_exact(tmp_path: Path) -> None:
     arrays = _write(tmp_path / "j.bin", 5)
     recs = read_journal(tmp_path / "j.bin")
     assert [m["step"] for m, _ in recs] == [0, 1, 2, 3, 4]
-    for (m, arr), a in zip(recs, arrays):
+    for (_, arr), a in zip(recs, arrays, strict=True):
         assert arr["a0"].tobytes() == a.tobytes() and arr["ids"].dtype == np.int64
 
 
@@ -106,9 +106,11 @@ _json_value = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
 def test_record_bytes_are_those_of_plain_json_encoding(meta: dict, names: list[str], dtypes: list[str],
                                                        shapes: list[list[int]]) -> None:
     """The hand-formatted header is byte for byte json.dumps' (the format docs/checkpoint.md describes)."""
-    arrays = {n: (np.arange(int(np.prod(s))) % 3).astype(d).reshape(s) for n, d, s in zip(names, dtypes, shapes)}
+    # Hypothesis draws the three lists at any lengths; zip pairs up as many as all three have.
+    arrays = {n: (np.arange(int(np.prod(s))) % 3).astype(d).reshape(s)
+              for n, d, s in zip(names, dtypes, shapes)}  # noqa: B905
     stored = [np.ascontiguousarray(a) for a in arrays.values()]  # as the format always did: 0-d stored as 1-d
-    spec = [[n, a.dtype.str, list(a.shape)] for n, a in zip(arrays, stored)]
+    spec = [[n, a.dtype.str, list(a.shape)] for n, a in zip(arrays, stored, strict=True)]
     header = json.dumps({"meta": meta, "arrays": spec}, separators=(",", ":")).encode()
     body = b"".join([struct.pack("<I", len(header)), header, *(a.tobytes() for a in stored)])
     expected = b"".join([struct.pack("<I", len(body)), body, struct.pack("<I", zlib.crc32(body))])

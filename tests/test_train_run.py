@@ -36,7 +36,7 @@ def test_fast_path_equals_module_path() -> None:
         x, y = data.x_train[:batch], data.y_train[:batch]
         a, b = fast_step(w, x, y), module_step(model, x, y)
         np.testing.assert_array_equal(a.predicted, b.predicted)
-        for (fa, fd), (ma, md) in zip(a.factors, b.factors):
+        for (fa, fd), (ma, md) in zip(a.factors, b.factors, strict=True):
             np.testing.assert_allclose(fa, ma, rtol=1e-12, atol=1e-15)
             np.testing.assert_allclose(fd, md, rtol=1e-12, atol=1e-15)
 
@@ -52,7 +52,7 @@ def test_same_run_on_both_paths_sends_the_same_programs(tmp_path: Path) -> None:
     start_run(cfg.with_overrides(**{"update.path": "module"}), tmp_path / "module")
     a, b = _programs(tmp_path / "fast"), _programs(tmp_path / "module")
     assert len(a) == len(b) > 10
-    for (ia, aa, ca), (ib, ab, cb) in zip(a, b):
+    for (ia, aa, ca), (ib, ab, cb) in zip(a, b, strict=True):
         assert ia == ib
         np.testing.assert_array_equal(aa, ab)
         np.testing.assert_array_equal(ca, cb)

@@ -57,8 +57,8 @@ def _trained_state(reverse_mapping: bool) -> tuple[list[np.ndarray], ...]:
 
 def test_settle_and_read_back_through_the_plan_equal_the_reverse_mapping() -> None:
     planned, mapped = _trained_state(False), _trained_state(True)
-    for a, b in zip(planned, mapped):
-        for x, y in zip(a, b):
+    for a, b in zip(planned, mapped, strict=True):
+        for x, y in zip(a, b, strict=True):
             assert x.dtype == y.dtype and np.array_equal(x, y)
 
 
@@ -93,7 +93,7 @@ def test_roll_forward_of_journaled_factors_gives_the_live_chi(tmp_path: Path) ->
         restore(again.trainer, meta, arrays)
         rf = roll_forward(again.trainer, tmp_path / meta["journal"], reapply=True)
         assert rf.records == len(records)
-        for x, y in zip([*chi, *net], [*again.trainer.array.chi, *again.trainer.array.net_pulses]):
+        for x, y in zip([*chi, *net], [*again.trainer.array.chi, *again.trainer.array.net_pulses], strict=True):
             assert np.array_equal(x, y)
     finally:
         again.close()
