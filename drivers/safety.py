@@ -28,6 +28,9 @@ class Range(BaseModel):
         return self.min <= x <= self.max
 
 
+_RANGES = ("set_amplitude_ua", "set_width_ns", "reset_amplitude_ua", "reset_width_ns")
+
+
 class SafetyLimits(BaseModel):
     """What a program may do to the chip. Defaults are conservative for 90 nm doped-GST cells."""
 
@@ -42,6 +45,47 @@ class SafetyLimits(BaseModel):
     lifetime_pulse_budget: int = Field(10**8, ge=1, description="Most pulses (SET + RESET) a device may get in its life (endurance).")
     address_min: int = Field(0, ge=0, description="Lowest address programs may touch.")
     address_max: int | None = Field(None, ge=0, description="Highest address programs may touch; None: the last device of the array.")
+
+    def intersect(self, other: SafetyLimits) -> SafetyLimits:
+        """The strictest of both, field by field: never wider than either.
+
+        Raises SafetyViolation if a range of one lies wholly outside the other's (nothing would be allowed).
+        """
+        ranges = {}
+        for name in _RANGES:
+            a, b = getattr(self, name), getattr(other, name)
+            lo, hi = max(a.min, b.min), min(a.max, b.max)
+            if lo > hi:
+                raise SafetyViolation(name, f"the limits [{a.min}, {a.max}] and [{b.min}, {b.max}] do not overlap")
+            ranges[name] = Range(min=lo, max=hi)
+        his = [x for x in (self.address_max, other.address_max) if x is not None]
+        return SafetyLimits(
+            **ranges,
+            max_set_pulses_per_device=min(self.max_set_pulses_per_device, other.max_set_pulses_per_device),
+            max_devices_per_program=min(self.max_devices_per_program, other.max_devices_per_program),
+            lifetime_pulse_budget=min(self.lifetime_pulse_budget, other.lifetime_pulse_budget),
+            address_min=max(self.address_min, other.address_min),
+            address_max=min(his) if his else None,
+        )
+
+    def wider_than(self, other: SafetyLimits) -> list[str]:
+        """The limits of self that allow more than other's, as 'field: self vs other' lines (empty: none)."""
+        out = []
+        for name in _RANGES:
+            a, b = getattr(self, name), getattr(other, name)
+            if a.min < b.min:
+                out.append(f"{name}.min = {a.min:g} is below {b.min:g}")
+            if a.max > b.max:
+                out.append(f"{name}.max = {a.max:g} is above {b.max:g}")
+        for name in ("max_set_pulses_per_device", "max_devices_per_program", "lifetime_pulse_budget"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a > b:
+                out.append(f"{name} = {a} is above {b}")
+        if self.address_min < other.address_min:
+            out.append(f"address_min = {self.address_min} is below {other.address_min}")
+        if other.address_max is not None and (self.address_max is None or self.address_max > other.address_max):
+            out.append(f"address_max = {self.address_max} is above {other.address_max}")
+        return out
 
     def check_shape(self, name: str, shape: PulseShape, amplitude: Range, width: Range) -> None:
         if shape.amplitude_ua not in amplitude:
