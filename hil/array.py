@@ -116,6 +116,10 @@ class ArrayWeights:
         self._reading = reading
         self.on_program = on_program
         self.next_program_id = int(first_program_id)
+        # The id the chip reports as its last applied program (PROG:LAST?) once everything booked so far
+        # landed: checked against the tester at resume. Programs handed to the driver, landed or not.
+        self.last_applied_id = int(first_program_id) - 1
+        self.programs_sent = 0
         self.g = np.zeros(mapping.geometry.n_devices, np.float64)
         self.w = [np.zeros(lm.shape) for lm in mapping.layers]
         self.chi = [np.zeros(lm.shape) for lm in mapping.layers]
@@ -184,6 +188,7 @@ class ArrayWeights:
         """Journal (on_program), apply, account, and read back the programmed devices per the read policy."""
         if self.on_program is not None:
             self.on_program(rec)
+        self.programs_sent += 1
         self.driver.apply(rec.program)
         self.account(rec)
         if read_reason is not None and self.read_policy.after_program:
@@ -192,6 +197,7 @@ class ArrayWeights:
     def account(self, rec: ProgramRecord) -> None:
         """Book an applied program: counters, and for an update program chi -= sign * n * eps."""
         p = rec.program
+        self.last_applied_id = p.program_id
         self.counters.programs_applied += 1
         self.counters.set_pulses += p.set_pulses
         self.counters.reset_pulses += p.reset_pulses

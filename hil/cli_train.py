@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -86,8 +91,15 @@ def train_cmd(
     from .data import DataError
     from .journal import JournalError
     from .mapping import MappingError
-    from .run import RunDirError, resume_run, start_run
+    from .reconcile import ReconcileError
+    from .run import RunDirError, RunFinished, StopFlag, resume_run, start_run
     from .trainer import CheckpointError
+
+    stop = StopFlag()
+
+    def say(text: str) -> None:
+        console.print(f"[yellow]{escape(text)}[/yellow]" if text.startswith("warning:") else escape(text),
+                      soft_wrap=True, highlight=False)
 
     try:
         if resume is not None:
@@ -101,7 +113,7 @@ def train_cmd(
             run_dir = resume
             cfg_total = load_config(resume / "config.toml")
             runner = lambda bar: resume_run(resume, config=given, driver=driver, baseline=baseline,  # noqa: E731
-                                            progress=bar)
+                                            progress=bar, notify=say, stop=stop)
         else:
             cfg = load_config(config) if config is not None else RunConfig()
             over: dict[str, Any] = {}
@@ -119,17 +131,64 @@ def train_cmd(
                 cfg = cfg.with_overrides(**over)
             cfg_total = cfg
             run_dir = out or Path("runs") / f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-            runner = lambda bar: start_run(cfg, run_dir, baseline=baseline, progress=bar)  # noqa: E731
+            runner = lambda bar: start_run(cfg, run_dir, baseline=baseline, progress=bar, notify=say,  # noqa: E731
+                                           stop=stop)
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                      TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=console, transient=False) as p:
+        with _stop_on_signals(stop), \
+                Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"), TimeElapsedColumn(),
+                         console=console, transient=False) as p:
             total = _total_samples(cfg_total)
             summary = runner(_Bar(p, total))
+    except RunFinished as e:
+        say(str(e))
+        return
     except (ConfigError, RunDirError, CheckpointError, DataError, MappingError, DriverError, RunLogError,
-            JournalError) as e:
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
-        raise typer.Exit(2) from None
+            JournalError, ReconcileError) as e:
+        _fail(str(e), locals().get("run_dir"), driver)
+    except MemoryError:
+        _fail("out of memory (the network or the array is too large for this machine)", locals().get("run_dir"), driver)
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(f"{e.strerror or e}{where}", locals().get("run_dir"), driver)
     _print_summary(summary, run_dir)
+    if stop.signal:
+        say(f"stopped by {signal.Signals(stop.signal).name} at step {summary.get('steps', '?')}; the run is resumable:")
+        say(f"  {_resume_command(run_dir, driver)}")
+        raise typer.Exit(128 + stop.signal)
+
+
+def _resume_command(run_dir: Path, driver: str | None) -> str:
+    extra = f" --driver {driver}" if driver is not None and driver != "mock" else ""
+    return f"pcm-hil train --resume {shlex.quote(str(run_dir))}{extra}"
+
+
+def _fail(message: str, run_dir: Path | None, driver: str | None) -> None:
+    """One error line (and, where the run left a checkpoint, how to resume it); exit 2."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    if run_dir is not None and (Path(run_dir) / "checkpoint.npz").exists():
+        console.print(f"the run is resumable: {escape(_resume_command(run_dir, driver))}", soft_wrap=True,
+                      highlight=False)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _stop_on_signals(stop: Any) -> Iterator[None]:
+    """SIGTERM and Ctrl-C set stop.signal: the trainer stops between two steps and checkpoints.
+
+    A second Ctrl-C while stopping interrupts at once (KeyboardInterrupt); the run is still resumable.
+    """
+    def handler(signum: int, frame: object) -> None:
+        if stop.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signal = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _total_samples(cfg: Any) -> int | None:

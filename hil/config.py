@@ -5,19 +5,27 @@ Units: conductance in microsiemens (uS), time in seconds, weights in weight unit
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from drivers import PulseShapes, SafetyLimits, SafetyViolation
 
 
 class ConfigError(ValueError):
     """A run config is unreadable or invalid; the message names the file and the offending key."""
+
+
+#: Integers and booleans as TOML writes them: `epochs = true` or `epochs = 2.0` is refused, not taken as 1 or 2.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+#: Seeds: numpy takes non-negative integers only.
+Seed = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
@@ -27,7 +35,7 @@ class _Strict(BaseModel):
 class NetworkConfig(_Strict):
     """Fully connected network: inputs (from the data set) -> hidden -> classes."""
 
-    hidden: list[Annotated[int, Field(ge=1, le=100_000)]] = Field([250], description="Hidden layer widths.")
+    hidden: list[Annotated[int, Strict(), Field(ge=1, le=100_000)]] = Field([250], description="Hidden layer widths.")
     activation: Literal["sigmoid"] = Field("sigmoid", description="Hidden activation (the paper's MLP uses sigmoid).")
     init_scale: float = Field(1.0, gt=0, description="Initial weights ~ U(-s*sqrt(6/(fan_in+fan_out)), +...), s = this.")
 
@@ -37,9 +45,9 @@ class DataConfig(_Strict):
 
     name: Literal["mnist", "digits"] = "mnist"
     path: str | None = Field(None, description="Folder holding the four MNIST IDX .gz files.")
-    train_limit: int | None = Field(None, ge=1, description="Use only the first N training samples.")
-    test_limit: int | None = Field(None, ge=1, description="Use only the first N test samples.")
-    download: bool = Field(True, description="Download MNIST when no local copy exists.")
+    train_limit: Int | None = Field(None, ge=1, description="Use only the first N training samples.")
+    test_limit: Int | None = Field(None, ge=1, description="Use only the first N test samples.")
+    download: Bool = Field(True, description="Download MNIST when no local copy exists.")
 
 
 class DriverConfig(_Strict):
@@ -49,10 +57,14 @@ class DriverConfig(_Strict):
     resource: str | None = Field(None, description="VISA resource string (kind=visa) or serial URL (kind=serial).")
     params_file: str | None = Field(None, description="PCM model parameters (TOML, [pcm] table) of the mock chip; "
                                                       "a [calibration] table's eps_us sets the default eps.")
-    seed: int = Field(0, description="Seed of the mock chip.")
-    analog_mvm: bool = Field(False, description="Mock chip does the analog multiply (capability 'mvm').")
-    timeout_s: float = Field(10.0, gt=0, description="Link timeout, s (visa / serial).")
-    limits: SafetyLimits = Field(default_factory=SafetyLimits, description="Safety limits checked before any I/O.")
+    seed: Seed = Field(0, description="Seed of the mock chip.")
+    analog_mvm: Bool = Field(False, description="Mock chip does the analog multiply (capability 'mvm').")
+    timeout_s: float = Field(10.0, gt=0, le=3600, description="Link timeout, s (visa / serial).")
+    limits: SafetyLimits = Field(default_factory=SafetyLimits, description="Safety limits checked before any I/O; "
+                                 "the limits in force are these, the built-in defaults and the tester's (LIM?), "
+                                 "whichever is strictest.")
+    allow_wider_limits: Bool = Field(False, description="Let driver.limits be wider than the built-in defaults "
+                                                        "(logged in the run log); never wider than the tester's.")
     shapes: PulseShapes = Field(default_factory=PulseShapes, description="SET and RESET pulse shapes.")
 
     @model_validator(mode="after")
@@ -60,6 +72,10 @@ class DriverConfig(_Strict):
         if self.kind != "mock" and not self.resource:
             raise ValueError(f"driver.kind = {self.kind!r} needs driver.resource (a VISA resource or serial URL)")
         lim = self.limits
+        wider = lim.wider_than(SafetyLimits())
+        if wider and not self.allow_wider_limits:
+            raise ValueError("driver.limits is wider than the built-in safety limits (" + "; ".join(wider)
+                             + "); set driver.allow_wider_limits = true to insist (it is logged)")
         for name, shape, amp, width in (("set", self.shapes.set, lim.set_amplitude_ua, lim.set_width_ns),
                                         ("reset", self.shapes.reset, lim.reset_amplitude_ua, lim.reset_width_ns)):
             try:
@@ -72,25 +88,25 @@ class DriverConfig(_Strict):
 class MappingConfig(_Strict):
     """How weights sit on the array: W = beta * (G+ - G-), one device pair per weight, bias as an extra row."""
 
-    beta: list[Annotated[float, Field(gt=0)]] | None = Field(
+    beta: list[Annotated[float, Field(gt=0, le=1000)]] | None = Field(
         None, description="Weight units per uS, one per layer; default: w_max / g_range_us per layer.")
-    w_max: list[Annotated[float, Field(gt=0)]] = Field([0.5, 1.0], description="Largest |weight| per layer (used for the default beta); the last value repeats.")
-    g_range_us: float = Field(8.0, gt=0, description="Usable conductance range of one device, uS.")
-    row0: int = Field(0, ge=0, description="First array row used.")
-    col0: int = Field(0, ge=0, description="First array column used.")
+    w_max: list[Annotated[float, Field(gt=0, le=1000)]] = Field([0.5, 1.0], description="Largest |weight| per layer (used for the default beta); the last value repeats.")
+    g_range_us: float = Field(8.0, gt=0, le=1000, description="Usable conductance range of one device, uS.")
+    row0: Int = Field(0, ge=0, description="First array row used.")
+    col0: Int = Field(0, ge=0, description="First array column used.")
 
 
 class UpdateConfig(_Strict):
     """Mixed-precision update: chi accumulates -lr * grad; n = floor(|chi| / eps) SET pulses (capped)."""
 
-    lr: float = Field(0.03, gt=0, description="Learning rate of the first epoch.")
+    lr: float = Field(0.03, gt=0, le=10, description="Learning rate of the first epoch (above 1 is warned about).")
     lr_decay: float = Field(0.8, gt=0, le=1, description="Learning rate of epoch e (0-based) = lr * lr_decay**e.")
-    batch_size: int = Field(1, ge=1, le=4096)
-    epochs: int = Field(1, ge=1, le=1000)
+    batch_size: Int = Field(1, ge=1, le=4096)
+    epochs: Int = Field(1, ge=1, le=1000)
     eps: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="Granularity in weight units per layer; default: [calibration].eps_us or the model's "
                           "granularity (uS per pulse) times beta.")
-    max_pulses_per_update: int = Field(8, ge=1, description="Cap on n per weight per step.")
+    max_pulses_per_update: Int = Field(8, ge=1, description="Cap on n per weight per step.")
     path: Literal["auto", "fast", "module"] = Field("auto", description="fast: hand-vectorized numpy MLP (batch 1, "
                                                                         "host copy); module: torch modules; auto: fast where possible.")
 
@@ -98,39 +114,42 @@ class UpdateConfig(_Strict):
 class ReadPolicyConfig(_Strict):
     """When the host copy of conductances is refreshed by reading the chip."""
 
-    after_program: bool = Field(True, description="Read back every device right after it is programmed.")
-    every_steps: int = Field(10_000, ge=0, description="Read the whole mapped array every K steps (drift); 0: never.")
-    before_evaluation: bool = Field(True, description="Read the whole mapped array before each evaluation.")
+    after_program: Bool = Field(True, description="Read back every device right after it is programmed.")
+    every_steps: Int = Field(10_000, ge=0, description="Read the whole mapped array every K steps (drift); 0: never.")
+    before_evaluation: Bool = Field(True, description="Read the whole mapped array before each evaluation.")
 
 
 class RefreshConfig(_Strict):
     """Refresh: when G+ or G- passes threshold_us, RESET both and reprogram the weight onto one device."""
 
-    enabled: bool = True
-    threshold_us: float = Field(8.0, gt=0, description="Refresh a pair when G+ or G- exceeds this, uS.")
-    check_every_steps: int = Field(20, ge=1, description="Check period, steps (cheap: only devices read since the last check are looked at).")
+    enabled: Bool = True
+    threshold_us: float = Field(8.0, gt=0, le=1000, description="Refresh a pair when G+ or G- exceeds this, uS.")
+    check_every_steps: Int = Field(20, ge=1, description="Check period, steps (cheap: only devices read since the last check are looked at).")
     mode: Literal["open-loop", "verify"] = Field("open-loop")
-    verify_rounds: int = Field(3, ge=1, le=20, description="Most program-and-verify rounds (mode=verify).")
+    verify_rounds: Int = Field(3, ge=1, le=20, description="Most program-and-verify rounds (mode=verify).")
     verify_tolerance_us: float = Field(0.5, gt=0, description="Verify stops once |G - target| is within this, uS.")
 
 
 class LoggingConfig(_Strict):
     """The HDF5 run log (run.h5): every read and every program."""
 
-    enabled: bool = True
+    enabled: Bool = True
     flush_interval_s: float = Field(2.0, gt=0, le=3600)
 
 
 class CheckpointConfig(_Strict):
-    every_steps: int = Field(5000, ge=1, description="Atomic checkpoint every N steps (and at the end).")
-    audit: bool = Field(False, description="Also keep the float64 sum of all updates per weight in the checkpoint "
+    every_steps: Int = Field(5000, ge=1, description="Atomic checkpoint every N steps (and at the end).")
+    journal_fsync: Literal["auto", "always", "never"] = Field(
+        "auto", description="fsync each journal record before its program is sent (survives a host crash or power "
+                            "cut); auto: always on a tester, never on the in-process mock (whose chip dies with the host).")
+    audit: Bool = Field(False, description="Also keep the float64 sum of all updates per weight in the checkpoint "
                                            "(accounting tests: chi + eps * net SET pulses must equal it).")
 
 
 class RunConfig(_Strict):
     """Everything a training run needs; resolved and written to RUN_DIR/config.toml."""
 
-    seed: int = Field(0, description="Seed of initialization and data order.")
+    seed: Seed = Field(0, description="Seed of initialization and data order.")
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     driver: DriverConfig = Field(default_factory=DriverConfig)
@@ -170,9 +189,23 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _did_you_mean(e["loc"])
         lines.append(f"  {where}: {msg}")
     return f"invalid run config {source}:\n" + "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """' (did you mean 'x'?)' for a mistyped key, from the fields of the model it sits in."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def validate_config(data: dict[str, Any], source: str = "") -> RunConfig:
@@ -191,6 +224,30 @@ def load_config(path: str | Path) -> RunConfig:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"no run config at {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p} is a directory, not a run config file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the run config {p}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p} is not valid TOML: {e}") from None
     return validate_config(data, str(p))
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """What a config allows but is unusual enough to say out loud before the first pulse."""
+    out = []
+    if cfg.update.lr > 1:
+        out.append(f"update.lr = {cfg.update.lr:g} is unusually large (the paper's MLP uses 0.03)")
+    if max(cfg.mapping.w_max) > 10:
+        out.append(f"mapping.w_max = {cfg.mapping.w_max} is unusually large (default [0.5, 1.0])")
+    if cfg.driver.allow_wider_limits:
+        wider = cfg.driver.limits.wider_than(SafetyLimits())
+        if wider:
+            out.append("safety limits wider than the built-in defaults, by driver.allow_wider_limits: " + "; ".join(wider))
+    if cfg.refresh.enabled and cfg.refresh.threshold_us > cfg.mapping.g_range_us:
+        out.append(f"refresh.threshold_us = {cfg.refresh.threshold_us:g} lies above mapping.g_range_us = "
+                   f"{cfg.mapping.g_range_us:g}")
+    if cfg.driver.kind != "mock" and cfg.checkpoint.journal_fsync == "never":
+        out.append("checkpoint.journal_fsync = \"never\" on a tester: a host crash can lose journal records, and "
+                   "the run then cannot be resumed")
+    return out

@@ -1,8 +1,10 @@
 """The step journal: an append-only file, one record per program (and its step's update factors).
 
 A record is written with a single os.write *before* its program is sent, so it survives a kill -9
-of the trainer at any moment (the kernel keeps the bytes; an OS crash is not covered: the journal
-is fsynced only at checkpoints). Layout of a record:
+of the trainer at any moment (the kernel keeps the bytes). With fsync=True each record is also on
+the disk before its program is sent, so it survives a host crash or power cut; without it, a lost
+tail is detected at resume from the tester's PROG:LAST? and the resume is refused (docs/checkpoint.md).
+Layout of a record:
 
     u32 length of body | body | u32 crc32 of body
     body = u32 length of header | header (JSON) | raw array bytes, in header order
@@ -13,6 +15,7 @@ and nothing after it is trusted. See docs/checkpoint.md.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -109,17 +112,24 @@ def decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 class Journal:
-    """Append-only writer; each append is one os.write of a whole record."""
+    """Append-only writer; each append is one os.write of a whole record (then fsync, if asked)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fsync = bool(fsync)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
+        if self.fsync:
+            _sync_folder(self.path.parent)  # the new segment's name must survive a power cut too
 
     def append(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Write one record; with fsync, return only once it is on the disk. OSError if it is not whole."""
         rec = encode_record(meta, arrays)
         written = os.write(self._fd, rec)
         if written != len(rec):  # a regular file takes the whole write unless the disk is full
-            raise OSError(f"journal {self.path}: short write ({written} of {len(rec)} bytes), disk full?")
+            raise OSError(errno.ENOSPC, f"journal {self.path}: short write ({written} of {len(rec)} bytes), "
+                                        "disk full?")
+        if self.fsync:
+            os.fsync(self._fd)
 
     def sync(self) -> None:
         os.fsync(self._fd)
@@ -128,6 +138,19 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its file system journals names itself
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_journal(path: str | Path) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:

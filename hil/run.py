@@ -8,6 +8,7 @@ before RUN_DIR is created, so a refused run leaves nothing behind and overwrites
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tomllib
 from collections.abc import Callable
@@ -17,16 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from drivers import ArrayDriver, MockDriver
+from drivers import ArrayDriver, MockDriver, SafetyLimits
 from sim import PCMParams
 from sim.files import write_atomic
 from sim.response import granularity_us, pulse_response
 
 from . import __version__
 from .array import ArrayWeights
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, config_warnings, load_config
 from .data import Dataset, load_dataset
+from .journal import read_journal
 from .mapping import Mapping
+from .reconcile import check_ledger, check_program_ids, expected_ledger, journaled_program_ids
+from .sizing import check_run_fits
 from .trainer import CheckpointError, Trainer, load_checkpoint, restore, roll_forward
 
 CONFIG_FILE = "config.toml"
@@ -97,16 +101,51 @@ def eps_per_layer(cfg: RunConfig, model: ChipModel, beta: list[float]) -> list[f
     return [g * b for b in beta]
 
 
+def limits_in_force(cfg: RunConfig) -> SafetyLimits:
+    """The host's limits: the config's, never wider than the built-in defaults unless driver.allow_wider_limits.
+
+    A tester's own LIM? narrows them further (TesterDriver intersects them).
+    """
+    lim = cfg.driver.limits
+    return lim if cfg.driver.allow_wider_limits else lim.intersect(SafetyLimits())
+
+
 def make_driver(cfg: RunConfig, sizes: list[int], model: ChipModel) -> ArrayDriver:
     """The array the config names: an in-process mock sized to the network, or a tester over VISA / serial."""
     d = cfg.driver
     if d.kind == "mock":
         g = Mapping.required_geometry(sizes, cfg.mapping.row0, cfg.mapping.col0)
-        return MockDriver(g.rows, g.cols, params=model.params, seed=d.seed, limits=d.limits, analog_mvm=d.analog_mvm)
+        check_run_fits(g.n_devices, n_weights(sizes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip")
+        return MockDriver(g.rows, g.cols, params=model.params, seed=d.seed, limits=limits_in_force(cfg),
+                          analog_mvm=d.analog_mvm)
     from drivers.tester import TesterDriver
 
     assert d.resource is not None
-    return TesterDriver.open(d.resource, timeout_s=d.timeout_s, limits=d.limits)
+    return TesterDriver.open(d.resource, timeout_s=d.timeout_s, limits=limits_in_force(cfg))
+
+
+def n_weights(sizes: list[int]) -> int:
+    """Weights of the MLP with these layer sizes, bias rows included."""
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def check_shapes(cfg: RunConfig, limits: SafetyLimits) -> None:
+    """SafetyViolation if the configured pulse shapes break the limits in force (checked before RUN_DIR exists)."""
+    sh = cfg.driver.shapes
+    limits.check_shape("set", sh.set, limits.set_amplitude_ua, limits.set_width_ns)
+    limits.check_shape("reset", sh.reset, limits.reset_amplitude_ua, limits.reset_width_ns)
+
+
+def run_warnings(cfg: RunConfig, model: ChipModel, beta: list[float], eps: list[float]) -> list[str]:
+    """What is allowed but unusual enough to say before the first pulse."""
+    out = config_warnings(cfg)
+    gran = model.calibrated_eps_us if model.calibrated_eps_us is not None else model.granularity_us
+    for i, (e, b) in enumerate(zip(eps, beta, strict=True)):
+        ratio = e / (gran * b)
+        if not 0.1 <= ratio <= 10:
+            out.append(f"update.eps[{i}] = {e:g} is {ratio:.3g}x the chip's granularity ({gran:.3g} uS x beta "
+                       f"{b:.3g}); one pulse then moves a weight by much {'more' if ratio < 1 else 'less'} than eps")
+    return out
 
 
 def git_commit() -> str:
@@ -120,12 +159,41 @@ def git_commit() -> str:
 
 @dataclass
 class Session:
-    """A trainer wired to its driver and log; close() releases them."""
+    """A trainer wired to its driver and (once attach_log ran) its log; close() releases them."""
 
     trainer: Trainer
     driver: ArrayDriver
     inner: ArrayDriver
     writer: Any  # RunLogWriter or None
+    cfg: RunConfig
+    log_attrs: dict[str, Any]
+
+    def attach_log(self, run_dir: Path, *, append: bool) -> None:
+        """Open RUN_DIR/run.h5 (new or appended) and route every read and program through it from here on."""
+        if not self.cfg.logging.enabled:
+            return
+        from drivers.logged import LoggedDriver
+        from drivers.runlog import RunLogWriter
+
+        t = self.trainer
+        aw = t.array
+        assert aw is not None
+        writer = RunLogWriter(run_dir / LOG_FILE, attrs={} if append else self.log_attrs,
+                              flush_interval_s=self.cfg.logging.flush_interval_s, append=append)
+        try:
+            logged = LoggedDriver(self.inner, writer)
+        except BaseException:
+            writer.close()
+            raise
+        self.writer, self.driver = writer, logged
+        aw.driver, aw._reading = logged, logged.reading  # noqa: SLF001 - the session wires its own parts
+        t.logger = writer  # (mvm products stay on inner: LoggedDriver passes them through unlogged)
+        if not append:
+            mapping = aw.mapping
+            writer.write_array("mapping/table", mapping.table())
+            for lm in mapping.layers:
+                writer.write_array(f"mapping/layer{lm.index}_gplus", lm.plus)
+                writer.write_array(f"mapping/layer{lm.index}_gminus", lm.minus)
 
     def close(self) -> None:
         self.trainer.close()
@@ -137,38 +205,39 @@ class Session:
 
 
 def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: ArrayDriver, *,
-                  append_log: bool, model: ChipModel) -> Session:
-    """Mapping, logging and ArrayWeights around inner; the trainer that uses them."""
+                  append_log: bool, model: ChipModel, log: bool = True, first_program_id: int = 1) -> Session:
+    """Mapping and ArrayWeights around inner, and the trainer that uses them; with log (and a run_dir),
+    the run log is attached at once, else later with Session.attach_log."""
     sizes = layer_sizes(cfg, data)
     beta = betas(cfg, len(sizes) - 1)
     mapping = Mapping.build(sizes, beta, inner.geometry, cfg.mapping.row0, cfg.mapping.col0)
     eps = eps_per_layer(cfg, model, beta)
-    writer = None
-    driver: ArrayDriver = inner
-    reading = None
-    if cfg.logging.enabled and run_dir is not None:
-        from drivers.logged import LoggedDriver
-        from drivers.runlog import RunLogWriter
+    attrs = {"config_toml": cfg.to_toml(), "safety_limits_json": inner.limits.model_dump_json(),
+             "instrument_identity": inner.identity, "package_version": __version__, "git_commit": git_commit(),
+             "eps_per_layer_json": json.dumps(eps), "beta_per_layer_json": json.dumps(beta),
+             "refresh_threshold_us": cfg.refresh.threshold_us,
+             "refresh_check_every_steps": cfg.refresh.check_every_steps, "refresh_mode": cfg.refresh.mode,
+             "limits_widened_json": json.dumps(cfg.driver.limits.wider_than(SafetyLimits())
+                                               if cfg.driver.allow_wider_limits else []),
+             "warnings_json": json.dumps(run_warnings(cfg, model, beta, eps))}
+    aw = ArrayWeights(inner, mapping, eps, cfg.update.lr, cfg.update.max_pulses_per_update, cfg.driver.shapes,
+                      model.mean_response_us, cfg.read_policy, cfg.refresh, first_program_id=first_program_id)
+    trainer = Trainer(cfg, data, array=aw, journal_dir=run_dir, logger=None)
+    trainer.journal_fsync = journal_fsync(cfg)
+    s = Session(trainer, inner, inner, None, cfg, attrs)
+    if log and run_dir is not None:
+        try:
+            s.attach_log(run_dir, append=append_log)
+        except BaseException:
+            trainer.close()
+            raise
+    return s
 
-        attrs = {"config_toml": cfg.to_toml(), "safety_limits_json": inner.limits.model_dump_json(),
-                 "instrument_identity": inner.identity, "package_version": __version__, "git_commit": git_commit(),
-                 "eps_per_layer_json": json.dumps(eps), "beta_per_layer_json": json.dumps(beta),
-                 "refresh_threshold_us": cfg.refresh.threshold_us,
-                 "refresh_check_every_steps": cfg.refresh.check_every_steps, "refresh_mode": cfg.refresh.mode}
-        writer = RunLogWriter(run_dir / LOG_FILE, attrs={} if append_log else attrs,
-                              flush_interval_s=cfg.logging.flush_interval_s, append=append_log)
-        logged = LoggedDriver(inner, writer)
-        driver = logged
-        reading = logged.reading
-    aw = ArrayWeights(driver, mapping, eps, cfg.update.lr, cfg.update.max_pulses_per_update, cfg.driver.shapes,
-                      model.mean_response_us, cfg.read_policy, cfg.refresh, reading=reading)
-    trainer = Trainer(cfg, data, array=aw, journal_dir=run_dir, logger=writer)
-    if writer is not None and not append_log:
-        writer.write_array("mapping/table", mapping.table())
-        for lm in mapping.layers:
-            writer.write_array(f"mapping/layer{lm.index}_gplus", lm.plus)
-            writer.write_array(f"mapping/layer{lm.index}_gminus", lm.minus)
-    return Session(trainer, driver, inner, writer)
+
+def journal_fsync(cfg: RunConfig) -> bool:
+    """Whether each journal record is fsynced before its program is sent (docs/checkpoint.md)."""
+    mode = cfg.checkpoint.journal_fsync
+    return mode == "always" or (mode == "auto" and cfg.driver.kind != "mock")
 
 
 def run_baseline(cfg: RunConfig, data: Dataset, progress: Callable[[Trainer], None] | None = None,
@@ -180,6 +249,21 @@ def run_baseline(cfg: RunConfig, data: Dataset, progress: Callable[[Trainer], No
 
 
 ProgressFn = Callable[[Trainer], None]
+NotifyFn = Callable[[str], None]
+
+
+class RunFinished(RuntimeError):
+    """--resume of a run that has nothing left to do; nothing was changed."""
+
+
+class StopFlag:
+    """Set by a signal handler (the signal number); the trainer stops between two steps once it is set."""
+
+    def __init__(self) -> None:
+        self.signal = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.signal)
 
 
 def _load_data(cfg: RunConfig) -> Dataset:
@@ -187,40 +271,80 @@ def _load_data(cfg: RunConfig) -> Dataset:
     return load_dataset(d.name, d.path, d.download, cfg.seed, d.train_limit, d.test_limit)
 
 
+def _tester_last_id(inner: ArrayDriver) -> int:
+    """The chip's last applied program id (0 if none): a new run's ids continue above it."""
+    return int(inner.last_program_id() or 0)
+
+
 def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress: ProgressFn | None = None,
-              stop_after_steps: int | None = None, progress_every: int = 200) -> dict[str, Any]:
-    """A new run in run_dir (which must not exist); returns the summary (also written to summary.json)."""
+              stop_after_steps: int | None = None, progress_every: int = 200, notify: NotifyFn | None = None,
+              stop: StopFlag | None = None) -> dict[str, Any]:
+    """A new run in run_dir (which must not exist); returns the summary (also written to summary.json).
+
+    Everything that can be checked is checked before run_dir is made; a run refused before its first
+    program is sent leaves no run_dir behind.
+    """
     run_dir = Path(run_dir)
     if run_dir.exists():
         raise RunDirError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or choose another --out")
     data = _load_data(cfg)
     model = chip_model(cfg)
-    inner = make_driver(cfg, layer_sizes(cfg, data), model)
+    sizes = layer_sizes(cfg, data)
+    eps_per_layer(cfg, model, betas(cfg, len(sizes) - 1))  # ConfigError before any chip is touched
+    inner = make_driver(cfg, sizes, model)
     try:
-        # Checked before RUN_DIR exists: the network must fit the chip.
-        sizes = layer_sizes(cfg, data)
-        Mapping.build(sizes, betas(cfg, len(sizes) - 1), inner.geometry, cfg.mapping.row0, cfg.mapping.col0)
-        run_dir.mkdir(parents=True)
+        g = inner.geometry
+        check_run_fits(g.n_devices, n_weights(sizes), simulated_chip=False, what=f"the {g.rows} x {g.cols} array")
+        check_shapes(cfg, inner.limits)
+        s = build_session(cfg, data, run_dir, inner, append_log=False, model=model, log=False,
+                          first_program_id=_tester_last_id(inner) + 1)
     except BaseException:
         inner.close()
         raise
-    write_atomic(run_dir / CONFIG_FILE, cfg.to_toml().encode())
-    s = build_session(cfg, data, run_dir, inner, append_log=False, model=model)
+    for w in json.loads(s.log_attrs["warnings_json"]):
+        if notify is not None:
+            notify(f"warning: {w}")
+    made = False
     try:
+        run_dir.mkdir(parents=True)
+        made = True
+        write_atomic(run_dir / CONFIG_FILE, cfg.to_toml().encode())
+        s.attach_log(run_dir, append=False)
         t = s.trainer
         t.start_journal()
         assert t.array is not None
         t.array.initialize(t.w0)
         t.checkpoint()
-        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every)
+        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every, stop)
+    except BaseException as e:
+        if made and _nothing_reached_the_chip(s, e):
+            s.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         s.close()
 
 
+def _nothing_reached_the_chip(s: Session, e: BaseException) -> bool:
+    """True if the run failed before any pulse can have landed: its folder then holds nothing worth keeping."""
+    from drivers import InstrumentError, SafetyViolation
+
+    aw = s.trainer.array
+    assert aw is not None
+    if aw.counters.programs_applied:
+        return False
+    if aw.programs_sent == 0:
+        return True
+    # The one program sent was refused before anything ran: by the host's limits, or the tester's own.
+    return aw.programs_sent == 1 and (isinstance(e, SafetyViolation) or
+                                      (isinstance(e, InstrumentError) and e.code == 101))
+
+
 def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, baseline: bool,
                       progress: ProgressFn | None, stop_after_steps: int | None,
-                      progress_every: int = 200) -> dict[str, Any]:
+                      progress_every: int = 200, stop: StopFlag | None = None) -> dict[str, Any]:
     t = s.trainer
+    t.stop_flag = stop
     t.run(progress, progress_every, stop_after_steps=stop_after_steps)
     t.checkpoint()
     summary = t.summary()
@@ -230,14 +354,21 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     summary["reads_logged"] = s.writer.counts["reads"] if s.writer is not None else 0
     summary["unapplied_program_ids"] = t.unapplied_program_ids
     summary["finished"] = t.at.epoch >= cfg.update.epochs
+    summary["stopped_by_signal"] = t.stop_requested or None
     write_atomic(run_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
 def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | None = None, baseline: bool = False,
                progress: ProgressFn | None = None, stop_after_steps: int | None = None,
-               progress_every: int = 200) -> dict[str, Any]:
-    """Continue the run in run_dir from its checkpoint and journal; config, if given, must equal the run's."""
+               progress_every: int = 200, notify: NotifyFn | None = None,
+               stop: StopFlag | None = None) -> dict[str, Any]:
+    """Continue the run in run_dir from its checkpoint and journal; config, if given, must equal the run's.
+
+    Every check comes before the first write: the config, the checkpoint, the journal, the run log's
+    checksums, and (on a tester) that the chip's last program id and lifetime pulse counts agree with
+    the run's records. A refused resume changes no file; so does the resume of a finished run.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise RunDirError(f"{run_dir} is not a pcm-hil run directory (no {CONFIG_FILE})")
@@ -251,6 +382,15 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
         if driver != "mock":
             cfg = cfg.with_overrides(**{"driver.resource": driver})
     meta, arrays = load_checkpoint(run_dir)  # before touching anything
+    if meta["config_digest"] != cfg.digest():
+        raise CheckpointError("the checkpoint was written with another config; resume with the run's own config.toml")
+    records = read_journal(run_dir / meta["journal"])
+    ids = journaled_program_ids(records)
+    if meta["position"]["epoch"] >= cfg.update.epochs and not records:
+        raise RunFinished(f"{run_dir} is finished ({cfg.update.epochs} epochs trained); nothing to resume, "
+                          "nothing changed")
+    if cfg.logging.enabled and (run_dir / LOG_FILE).exists():
+        _verify_log(run_dir / LOG_FILE)
     data = _load_data(cfg)
     model = chip_model(cfg)
     sizes = layer_sizes(cfg, data)
@@ -258,27 +398,52 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
     if reapply:
         g = Mapping.required_geometry(sizes, cfg.mapping.row0, cfg.mapping.col0)
         d = cfg.driver
-        inner: ArrayDriver = MockDriver.from_state(run_dir / meta["chip"], g.rows, g.cols, seed=d.seed, limits=d.limits,
-                                                   analog_mvm=d.analog_mvm)
+        inner: ArrayDriver = MockDriver.from_state(run_dir / meta["chip"], g.rows, g.cols, seed=d.seed,
+                                                   limits=limits_in_force(cfg), analog_mvm=d.analog_mvm)
     else:
         inner = make_driver(cfg, sizes, model)
-    if inner.identity != meta["identity"]:
-        ident = inner.identity
+    try:
+        if inner.identity != meta["identity"]:
+            raise CheckpointError(f"the run was made on {meta['identity']!r}; this driver is {inner.identity!r}: "
+                                  "refusing to resume on another chip")
+        s = build_session(cfg, data, run_dir, inner, append_log=True, model=model, log=False)
+    except BaseException:
         inner.close()
-        raise CheckpointError(f"the run was made on {meta['identity']!r}; this driver is {ident!r}: "
-                              "refusing to resume on another chip")
-    s = build_session(cfg, data, run_dir, inner, append_log=True, model=model)
+        raise
     try:
         t = s.trainer
         restore(t, meta, arrays)
-        rf = roll_forward(t, run_dir / meta["journal"], reapply=reapply)
+        last_applied = None
+        if not reapply:
+            last_applied = _tester_last_id(inner)
+            resource = cfg.driver.resource or inner.identity
+            check_program_ids(last_applied, meta.get("tester_last_program_id"), ids, resource)
+        rf = roll_forward(t, records, reapply=reapply, last_applied=last_applied)
+        if not reapply and "ledger" in arrays:
+            aw = t.array
+            assert aw is not None
+            want = expected_ledger(arrays["ledger"], aw.mapping.addresses, inner.geometry.n_devices,
+                                   [p for _, p in rf.programs_applied])
+            check_ledger(inner, aw.mapping.addresses, want, cfg.driver.resource or inner.identity)
+        # Nothing was written so far; from here on the resume goes ahead.
+        s.attach_log(run_dir, append=True)
         _relog_missing(s, t, rf)
         assert t.array is not None
+        t._set_log_step(t.at.step)  # noqa: SLF001 - the resume's read belongs to the step it resumes at
         t.array.read(None, "resume")
         t.checkpoint()
-        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every)
+        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every, stop)
     finally:
         s.close()
+
+
+def _verify_log(path: Path) -> None:
+    """The run log's checksummed rows must verify before a resume appends to it (drivers.runlog)."""
+    from drivers import runlog
+
+    verify = getattr(runlog, "verify_log", None)
+    if verify is not None:
+        verify(path)
 
 
 def _relog_missing(s: Session, t: Trainer, rf: Any) -> None:

@@ -67,6 +67,9 @@ class Trainer:
         self.at = Position()
         self.metrics: list[dict[str, float]] = []
         self.unapplied_program_ids: list[int] = []
+        # A flag whose .signal a SIGTERM / SIGINT handler sets: run() then returns between two steps.
+        self.stop_flag: Any = None
+        self.journal_fsync = False
         self.weights = [w.copy() for w in self.w0] if array is None else array.w
         self._pending: Factors | None = None
         self._pending_cols: list[np.ndarray] = []
@@ -187,7 +190,7 @@ class Trainer:
             order = epoch_order(cfg.seed, self.at.epoch, n)
             t0 = time.perf_counter()
             while self.at.pos < n:
-                if stop_at is not None and self.at.step >= stop_at:
+                if self.stop_requested or (stop_at is not None and self.at.step >= stop_at):
                     self.at.train_seconds += time.perf_counter() - t0
                     return
                 self.train_step(order[self.at.pos:self.at.pos + bs])
@@ -199,6 +202,11 @@ class Trainer:
             self._end_epoch()
             if progress is not None:
                 progress(self)
+
+    @property
+    def stop_requested(self) -> int:
+        """The signal number that asked the run to stop (0: none)."""
+        return self.stop_flag.signal if self.stop_flag is not None else 0
 
     def _after_step(self) -> None:
         assert self.array is not None
@@ -253,8 +261,10 @@ class Trainer:
             "position": self.at.__dict__, "next_program_id": aw.next_program_id,
             "counters": aw.counters.as_dict(), "metrics": self.metrics, "journal": new_journal,
             "chip": chip_file, "unapplied_program_ids": self.unapplied_program_ids,
+            "tester_last_program_id": aw.last_applied_id,
         }
-        arrays = {"g": aw.g}
+        # What the chip's own lifetime counters must say of the mapped devices (checked at resume).
+        arrays = {"g": aw.g, "ledger": np.asarray(aw.driver.lifetime_pulses)[aw.mapping.addresses]}
         for i in range(len(aw.chi)):
             arrays[f"chi{i}"] = aw.chi[i]
             arrays[f"net{i}"] = aw.net_pulses[i]
@@ -264,7 +274,7 @@ class Trainer:
         old = self.journal
         if old is not None:
             old.close()
-        self.journal = Journal(d / new_journal)
+        self.journal = Journal(d / new_journal, fsync=self.journal_fsync)
         for f in d.glob("journal-*.bin"):
             if f.name != new_journal:
                 f.unlink(missing_ok=True)
@@ -284,7 +294,7 @@ class Trainer:
     def start_journal(self) -> None:
         """Journal from here on (a new run: after the directory exists, before the first program)."""
         assert self.journal_dir is not None
-        self.journal = Journal(self.journal_dir / "journal-000000.bin")
+        self.journal = Journal(self.journal_dir / "journal-000000.bin", fsync=self.journal_fsync)
 
     def close(self) -> None:
         if self.journal is not None:
@@ -296,6 +306,7 @@ class Trainer:
         out: dict[str, Any] = {
             "test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
             "epochs": at.epoch,
+            "steps": at.step,
             "samples_trained": at.samples_trained,
             "train_seconds": at.train_seconds,
             "us_per_sample": at.train_seconds / at.samples_trained * 1e6 if at.samples_trained else None,
@@ -352,6 +363,8 @@ def restore(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray
     trainer.metrics = list(meta["metrics"])
     trainer.checkpoint_seq = int(meta["seq"])
     trainer.unapplied_program_ids = list(meta.get("unapplied_program_ids", []))
+    if "tester_last_program_id" in meta:
+        aw.last_applied_id = int(meta["tester_last_program_id"])
 
 
 def _journaled_input(arrays: dict[str, np.ndarray], layer: int, fan_in: int) -> np.ndarray:
@@ -377,16 +390,22 @@ class RollForward:
     unapplied_program_id: int | None
 
 
-def roll_forward(trainer: Trainer, journal_path: Path, reapply: bool) -> RollForward:
+JournalRecords = list[tuple[dict[str, Any], dict[str, np.ndarray]]]
+
+
+def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool,
+                 last_applied: int | None = None) -> RollForward:
     """Replay the journal after the checkpoint: chi accumulates each step's factors exactly as it did live;
-    each journaled program is settled as applied, except the last one, which counts only if the driver
-    says so (last_program_id >= its id). reapply=True sends them again (an in-process mock chip that
-    died with the trainer and was restored from the checkpoint's chip state).
+    each journaled program is settled as applied, except the last one, which counts only if the chip
+    applied it (last_applied, else the driver's last_program_id(), >= its id). reapply=True sends them
+    again (an in-process mock chip that died with the trainer and was restored from the checkpoint's chip
+    state). journal: the segment's path, or its records as read_journal() returned them.
     """
     aw = trainer.array
     assert aw is not None
-    records = read_journal(journal_path)
-    last_applied = None if reapply else aw.driver.last_program_id()
+    records = read_journal(journal) if isinstance(journal, Path) else journal
+    if not reapply and last_applied is None:
+        last_applied = aw.driver.last_program_id()
     applied: list[tuple[int, PulseProgram]] = []
     unapplied = None
     for i, (meta, arr) in enumerate(records):

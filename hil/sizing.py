@@ -1,0 +1,69 @@
+"""Will a run fit in this machine's memory? Checked before any large array is allocated.
+
+A mistyped size (`hidden = [100000, 100000]`, `mapping.row0 = 1e9`) should be one clear refusal,
+not a MemoryError traceback after the run folder exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .config import ConfigError
+
+#: Host bytes per array device: conductance copy (f64), mapping inverse (i16 + i64 + i8), endurance ledger (i64),
+#: and slack for the full-array read's temporaries.
+HOST_BYTES_PER_DEVICE = 8 + 11 + 8 + 16
+#: The in-process simulated chip (sim.PCMArray, 24 B/device) and its driver's ledger.
+MOCK_BYTES_PER_DEVICE = 24 + 8
+#: Host bytes per weight: weights, chi, net pulses, initial weights, and the optimizer's temporaries.
+BYTES_PER_WEIGHT = 8 * 8
+#: Addresses travel and are logged as uint32.
+MAX_DEVICES = 2**32
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process could still allocate, bytes (None where the platform does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if sys.platform == "win32":
+        return _windows_available()
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _windows_available() -> int | None:
+    import ctypes
+
+    class _Status(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+    st = _Status()
+    st.dwLength = ctypes.sizeof(_Status)
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):  # type: ignore[attr-defined]
+        return None
+    return int(st.ullAvailPhys)
+
+
+def check_run_fits(n_devices: int, n_weights: int, *, simulated_chip: bool, what: str) -> None:
+    """ConfigError unless a run over n_devices array devices and n_weights weights fits in memory."""
+    if n_devices > MAX_DEVICES:
+        raise ConfigError(f"{what} needs {n_devices:,} devices; addresses are 32-bit, at most {MAX_DEVICES:,}")
+    need = n_devices * (HOST_BYTES_PER_DEVICE + (MOCK_BYTES_PER_DEVICE if simulated_chip else 0))
+    need += n_weights * BYTES_PER_WEIGHT
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        raise ConfigError(f"{what} needs about {need / 2**30:,.1f} GiB of memory ({n_devices:,} devices, "
+                          f"{n_weights:,} weights); this machine has {have / 2**30:,.1f} GiB available. "
+                          f"Check network.hidden and mapping.row0/col0")
