@@ -32,13 +32,15 @@ def driver_overrides(driver: str) -> dict[str, Any]:
 class _Bar:
     """A rich progress bar fed by the trainer: samples/s and running accuracy of the epoch."""
 
-    def __init__(self, progress: Progress, total: int) -> None:
+    def __init__(self, progress: Progress, total: int | None) -> None:
         self.progress = progress
         self.task = progress.add_task("training", total=total, rate="", acc="")
         self.t0 = time.perf_counter()
         self.first: int | None = None
 
     def __call__(self, trainer: Any) -> None:
+        if self.first is None:
+            self.progress.start()  # shown once training runs, not over a refusal that comes first
         at = trainer.at
         n = len(trainer.data.y_train)
         done = at.epoch * n + at.pos
@@ -134,12 +136,15 @@ def train_cmd(
             runner = lambda bar: start_run(cfg, run_dir, baseline=baseline, progress=bar, notify=say,  # noqa: E731
                                            stop=stop)
 
-        with _stop_on_signals(stop), \
-                Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                         TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"), TimeElapsedColumn(),
-                         console=console, transient=False) as p:
-            total = _total_samples(cfg_total)
-            summary = runner(_Bar(p, total))
+        p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                     TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"), TimeElapsedColumn(),
+                     console=console, transient=False)
+        bar = _Bar(p, _total_samples(cfg_total))
+        try:
+            with _stop_on_signals(stop):
+                summary = runner(bar)
+        finally:
+            p.stop()
     except RunFinished as e:
         say(str(e))
         return
