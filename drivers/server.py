@@ -266,9 +266,12 @@ class Emulator:
 
     def _apply(self, payload: bytes) -> bytes:
         program = P.decode_program(payload)
-        if program.program_id == self.last_program_id:
+        last = self.last_program_id or 0
+        # Every id not after the last applied one is refused, not only an equal one: a client resending an
+        # older program (a lost journal tail, a second client) would otherwise apply pulses twice.
+        if program.program_id <= last:
             raise _Refused(P.ErrorCode.ALREADY_APPLIED,
-                           f"program {program.program_id} is the last one applied; not applied again")
+                           f"program {program.program_id} is not after the last applied program {last}; not applied")
         self.driver.apply(program)
         self.last_program_id = program.program_id
         self.last_shapes = program.shapes

@@ -1,9 +1,11 @@
 """TesterDriver: the driver contract spoken over the wire protocol (drivers/protocol.py).
 
 One round trip per read and per program, whatever their size. Reads and status queries are
-retried after a link failure (reconnect, then SYNC? to skip any stale reply). A program is
-applied exactly once: if the link fails while it is in flight, the driver reconnects, syncs,
-asks PROG:LAST? (twice, the answers must agree) and re-sends only if the tester did not apply it.
+retried after a link failure (reconnect, then SYNC? to skip any stale reply) and after error 200
+(the tester did not run the command). A program is applied exactly once: if the link fails while it
+is in flight, the driver reconnects, syncs, asks PROG:LAST? until two answers in a row agree, and
+re-sends only if the tester did not apply it; a program refused with 200 or -160 never ran and is
+sent again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from .safety import SafetyLimits
 from .transport import SerialTransport, Transport, VisaTransport, is_serial_url
 
 _LINK_ERRORS = (DriverTimeout, Disconnected, ProtocolError)
+#: Instrument errors that say the command did not run, so sending it again is safe and may succeed.
+_NOT_RUN = (P.ErrorCode.INJECTED_FAULT,)
+#: PROG:LAST? answers asked for at most, per attempt, to get two in a row that agree.
+_LAST_ID_ASKS = 4
 T = TypeVar("T")
 
 
@@ -34,12 +40,14 @@ class LinkStats:
     reconnects: int = 0
     resends: int = 0
     retried_queries: int = 0
+    retried_errors: int = 0
 
 
 class TesterDriver(ArrayDriver):
     """An array tester behind a Transport. Geometry, limits and identity come from the tester.
 
-    limits: host-side SafetyLimits (default: the tester's own, from LIM?). retries: link failures
+    limits: host-side SafetyLimits; the limits in force are the strictest of these and the tester's own
+    (LIM?), field by field, never wider than either. retries: link failures and not-run errors (200)
     tolerated per operation. sync_timeout_s: how long recovery waits for stale replies to end
     (default 4x the transport timeout). seed_lifetime: fill the endurance ledger from LIFE:ALL?.
     """
@@ -54,10 +62,12 @@ class TesterDriver(ArrayDriver):
             self._identity = self._query_text("*IDN?")
             geometry = self._query_text("GEOM?", parse=_parse_geometry)
             tester_limits = self._tester_limits(limits)
+            # The host's limits may only narrow the tester's: a config cannot widen what the tester allows.
+            in_force = limits.intersect(tester_limits) if limits is not None else tester_limits
         except BaseException:
             transport.close()
             raise
-        super().__init__(geometry, limits if limits is not None else tester_limits)
+        super().__init__(geometry, in_force)
         self.tester_limits = tester_limits
         if seed_lifetime:
             self._lifetime_pulses[:] = self._query_block("LIFE:ALL?", parse=self._counts_of(geometry.n_devices))
@@ -124,11 +134,14 @@ class TesterDriver(ArrayDriver):
             try:
                 reply = self._round_trip_text(message, "PROG:APPL?")
             except InstrumentError as e:
-                if e.code == P.ErrorCode.BLOCK_DATA_ERROR:
-                    last_error = e  # garbled on the way in (CRC, lengths): refused, so sending it again is safe
+                if e.code == P.ErrorCode.BLOCK_DATA_ERROR or e.code in _NOT_RUN:
+                    last_error = e  # garbled on the way in, or refused before running: sending it again is safe
+                    if e.code in _NOT_RUN:
+                        self.stats.retried_errors += 1
                     continue
                 if e.code == P.ErrorCode.ALREADY_APPLIED and attempt:
-                    return  # our own earlier send landed, the PROG:LAST? answers notwithstanding
+                    self._check_landed(pid, e)
+                    return
                 raise
             except _LINK_ERRORS as e:
                 last_error = e
@@ -143,21 +156,45 @@ class TesterDriver(ArrayDriver):
         raise Disconnected(f"program {pid} not confirmed after {self._retries + 1} attempts; it was not applied "
                            f"twice, ask last_program_id() whether it landed (last error: {last_error})")
 
+    def _check_landed(self, pid: int, refusal: InstrumentError) -> None:
+        """A re-send refused with 102: only our earlier send landing explains it if PROG:LAST? is pid."""
+        try:
+            last = self._agreed_last_id(lambda: self._query_text("PROG:LAST?", parse=_parse_id),
+                                        2 * (self._retries + 1))
+        except DriverError as e:
+            raise Disconnected(f"program {pid} was refused as not newer than the tester's last ({refusal.message}) "
+                               f"and PROG:LAST? could not be learned: {e}") from e
+        if last != pid:
+            raise InstrumentError(refusal.code, f"program {pid} was re-sent and refused, and the tester's last applied "
+                                  f"program is {last}, not {pid}: another client or an earlier run applied programs "
+                                  f"up to {last}; program ids must keep increasing", "PROG:APPL?")
+
     def _applied_after_recovery(self, pid: int) -> bool:
         """Reconnect, sync, and ask the tester whether program pid is the last it applied."""
+        once = lambda: _parse_id(self._round_trip_text(P.encode_message("PROG:LAST?"), "PROG:LAST?"))  # noqa: E731
         for _ in range(self._retries + 1):
             try:
                 self._recover()
-                first = self._round_trip_text(P.encode_message("PROG:LAST?"), "PROG:LAST?")
-                second = self._round_trip_text(P.encode_message("PROG:LAST?"), "PROG:LAST?")
+                return self._agreed_last_id(once) == pid
             except (*_LINK_ERRORS, InstrumentError):
                 continue
-            if first == second and first.strip().isdigit():
-                return int(first) == pid
         raise Disconnected(f"cannot learn from the tester whether program {pid} was applied")
 
+    @staticmethod
+    def _agreed_last_id(ask: Callable[[], int], asks: int = _LAST_ID_ASKS) -> int:
+        """PROG:LAST? (ask) until two answers in a row agree, at most asks times: a text reply has no
+        checksum, and one flipped digit ('314' read as '324') would settle a program that never ran."""
+        answers: list[int] = []
+        for _ in range(asks):
+            answers.append(ask())
+            if len(answers) >= 2 and answers[-1] == answers[-2]:
+                return answers[-1]
+        raise ProtocolError(f"PROG:LAST? gave no two agreeing answers in a row: {answers}")
+
     def _last_program_id(self) -> int | None:
-        return self._query_text("PROG:LAST?", parse=_parse_id) or None
+        # Each ask is retried on link errors; a resume settles programs by this answer, so it must be agreed.
+        ask = lambda: self._query_text("PROG:LAST?", parse=_parse_id)  # noqa: E731
+        return self._agreed_last_id(ask, 2 * (self._retries + 1)) or None
 
     def _now(self) -> float:
         return self._query_text("TIME?", parse=_parse_seconds)
@@ -223,10 +260,15 @@ class TesterDriver(ArrayDriver):
         return self._retrying(lambda: parse(self._round_trip_block(msg, header)))
 
     def _retrying(self, once: Callable[[], T]) -> T:
-        """Run an idempotent round trip, recovering the link after each failure."""
+        """Run an idempotent round trip, recovering the link after each failure and asking again after a
+        not-run error (the link is fine then: no reconnect)."""
         for attempt in range(self._retries + 1):
             try:
                 return once()
+            except InstrumentError as e:
+                if e.code not in _NOT_RUN or attempt == self._retries:
+                    raise
+                self.stats.retried_errors += 1
             except _LINK_ERRORS:
                 if attempt == self._retries:
                     raise

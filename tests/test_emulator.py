@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from drivers import InstrumentError, MockDriver, PulseProgram, SafetyLimits
+from drivers import InstrumentError, MockDriver, PulseProgram, SafetyLimits, SafetyViolation
+from drivers import protocol as P
 from drivers import TesterDriver as Driver
 from drivers.server import Emulator, Endpoint, FaultPlan, Server
 from hil.cli_emulator import EmulatorProcess
@@ -51,7 +52,7 @@ def test_pyvisa_over_tcp_matches_the_in_process_mock(reference):
         with Driver.open(emu.resource, timeout_s=10) as drv:
             assert drv.identity.startswith("pcm-hil,emulator,")
             got = operations(drv)
-            assert drv.stats.round_trips == 4 + 5 * 2 + 1 + 2  # handshake, program+read each, full read, now+last
+            assert drv.stats.round_trips == 4 + 5 * 2 + 1 + 3  # handshake, program+read each, full read, now, last (twice)
             assert np.array_equal(drv.tester_lifetime_pulses(), drv.lifetime_pulses)
     assert_same(got, reference)
 
@@ -108,11 +109,15 @@ def test_the_emulator_enforces_its_own_limits(tmp_path):
     limits.write_text("max_set_pulses_per_device = 2\n")
     with EmulatorProcess([*ARGS, "--limits", str(limits)]) as emu:
         with Driver.open(emu.resource, timeout_s=10, limits=SafetyLimits()) as drv:
-            assert drv.tester_limits.max_set_pulses_per_device == 2
-            with pytest.raises(InstrumentError) as e:
-                drv.apply(PulseProgram(1, np.array([4, 9]), np.array([1, 3]), np.zeros(2, bool)))
-            assert e.value.code == 101
-            assert "max_set_pulses_per_device" in e.value.message and "device 9" in e.value.message
+            # The host's defaults allow 64; the limits in force are the stricter tester's.
+            assert drv.tester_limits.max_set_pulses_per_device == 2 and drv.limits.max_set_pulses_per_device == 2
+            bad = PulseProgram(1, np.array([4, 9]), np.array([1, 3]), np.zeros(2, bool))
+            with pytest.raises(SafetyViolation, match="max_set_pulses_per_device"):
+                drv.apply(bad)
+            # A host that skipped its check still meets the tester's own.
+            drv.transport.write(P.encode_message("PROG:APPL?", block=P.encode_program(bad)))
+            reply = drv.transport.read_line()
+            assert reply.startswith(b"!101,") and b"max_set_pulses_per_device" in reply and b"device 9" in reply
             assert drv.last_program_id() is None and drv.tester_lifetime_pulses().sum() == 0
 
 
@@ -132,6 +137,26 @@ def test_garbage_over_a_real_socket_only_fills_the_error_queue():
         assert errs[3] == b'0,"No error"\n'
         with Driver.open(emu.resource, timeout_s=10) as drv:  # still serving
             assert drv.geometry.n_devices == ROWS * COLS
+
+
+def test_the_emulator_refuses_every_program_id_not_after_its_last_over_a_raw_socket():
+    """ids 50, 50, 40, 50: only the first applies (the old rule refused only an equal id, so 40 applied)."""
+    with EmulatorProcess(ARGS) as emu:
+        host, port = emu.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s, s.makefile("rb") as f:
+            replies = []
+            for pid in (50, 50, 40, 50):
+                prog = PulseProgram(pid, np.array([pid % 42]), np.array([1]), np.array([False]))
+                s.sendall(P.encode_message("PROG:APPL?", block=P.encode_program(prog)))
+                replies.append(f.readline())
+            s.sendall(b"LIFE:ALL?\n")
+            head = f.read(2)
+            d = int(head[1:2])
+            counts = P.decode_counts(f.read(int(f.read(d)) + 1)[:-1])
+        assert replies[0] == b"50\n"
+        for r in replies[1:]:
+            assert r.startswith(b'!102,"program ') and b"not after the last applied program 50" in r, r
+        assert counts.sum() == 1 and counts[50 % 42] == 1
 
 
 # ---------------------------------------------------------------------------- faults
@@ -158,15 +183,8 @@ def _programs_under_faults(endpoint: Endpoint, url, n_programs: int, plan: Fault
     try:
         drv = Driver.open(url(server), timeout_s=0.05, retries=20)
         emulator.set_faults(plan)
-        refused = 0
         for prog in _program_stream(n_programs, rows * cols, 99):
-            while True:
-                try:
-                    drv.apply(prog)
-                    break
-                except InstrumentError as e:  # an injected refusal: nothing ran, so try again
-                    assert e.code == 200
-                    refused += 1
+            drv.apply(prog)  # injected refusals (200: nothing ran) are sent again by the driver itself
         emulator.set_faults(FaultPlan())
         assert drv.last_program_id() == n_programs
         assert np.array_equal(drv.tester_lifetime_pulses(), reference.lifetime_pulses)
@@ -177,7 +195,7 @@ def _programs_under_faults(endpoint: Endpoint, url, n_programs: int, plan: Fault
         thread.join(10)
     assert emulator.driver.chip.state_equal(reference.chip)
     assert emulator.driver.now() == reference.now()
-    assert refused > 0
+    assert drv.stats.retried_errors > 0
     return drv
 
 
@@ -216,12 +234,7 @@ def test_reads_under_faults_never_take_a_stale_reply_for_an_answer():
         emulator.set_faults(FaultPlan(lose=0.04, drop=0.04, delay=0.04, corrupt=0.04, error=0.04, delay_s=0.1, seed=9))
         for i in range(200):
             addr = None if i % 10 == 0 else rng.choice(64, int(rng.integers(1, 65)), replace=False)
-            while True:
-                try:
-                    r = drv.read(addr)
-                    break
-                except InstrumentError as e:
-                    assert e.code == 200
+            r = drv.read(addr)  # injected 200s are asked again by the driver
             expected = truth if addr is None else truth[addr]
             assert np.array_equal(r.conductances_us, expected)
         assert drv.stats.reconnects > 20
@@ -321,3 +334,24 @@ def test_cli_params_and_fault_options_take_effect(tmp_path):
             assert np.array_equal(first.conductances_us, second.conductances_us)  # no read noise
             assert drv.last_program_id() == 20 and drv.stats.reconnects > 0
             assert drv.tester_lifetime_pulses().sum() == 20
+
+
+# Fault seeds whose first draw corrupts "314\n" into another number: 60 -> "364", 83 -> "318", 156 -> "114".
+@pytest.mark.parametrize("seed", [60, 83])
+def test_last_program_id_through_corrupted_replies_is_always_the_truth(seed):
+    """--fault-corrupt flips one byte of a reply; a flipped digit of PROG:LAST? must never be believed."""
+    emulator = Emulator(MockDriver(2, 2, seed=SEED))
+    server = Server(emulator, Endpoint("tcp", "127.0.0.1", 0), quiet_abandon_s=0.5)
+    server.bind()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Driver.open(server.visa_resource, timeout_s=0.05, retries=20) as drv:
+            drv.apply(PulseProgram(314, np.array([1]), np.array([1]), np.array([False])))
+            emulator.set_faults(FaultPlan(corrupt=0.5, seed=seed))
+            answers = [drv.last_program_id() for _ in range(6)]
+            emulator.set_faults(FaultPlan())
+        assert set(answers) == {314}
+    finally:
+        server.stop()
+        thread.join(10)

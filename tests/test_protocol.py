@@ -212,6 +212,21 @@ def test_emulator_refuses_unsafe_programs_and_repeated_ids():
     assert emu.driver.lifetime_pulses[3] == 2
 
 
+def test_emulator_refuses_every_id_not_after_the_last_applied():
+    emu = _emulator()
+
+    def send(pid: int) -> bytes:
+        prog = PulseProgram(pid, np.array([pid % 16]), np.array([1]), np.array([False]))
+        return _ask(emu, P.encode_message("PROG:APPL?", block=P.encode_program(prog)))[0]
+
+    assert send(50) == b"50\n"
+    for pid in (50, 40, 1):
+        r = send(pid)
+        assert r.startswith(b"!102,") and b"last applied program 50" in r, r
+    assert send(51) == b"51\n"
+    assert emu.last_program_id == 51 and emu.driver.lifetime_pulses.sum() == 2
+
+
 def test_emulator_refuses_corrupted_programs_without_applying():
     emu = _emulator()
     prog = PulseProgram(1, np.array([0, 1]), np.array([1, 1]), np.array([False, False]))

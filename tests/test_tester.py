@@ -182,10 +182,20 @@ def test_disagreeing_prog_last_answers_are_asked_again(script):
     prog = PulseProgram(8, np.array([0]), np.array([2]), np.array([False]))
     msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
     script.expect((msg, b"x\n"),  # a corrupted id reply
-                  (b"PROG:LAST?\n", b"6\n"), (b"PROG:LAST?\n", b"8\n"),  # disagree: recover and ask again
-                  (b"PROG:LAST?\n", b"8\n"), (b"PROG:LAST?\n", b"8\n"))
+                  (b"PROG:LAST?\n", b"6\n"), (b"PROG:LAST?\n", b"8\n"),  # disagree: ask again
+                  (b"PROG:LAST?\n", b"8\n"))  # two in a row agree
     drv.apply(prog)
-    assert script.writes().count(msg) == 1 and script.syncs == 2 and not script.pairs
+    assert script.writes().count(msg) == 1 and script.syncs == 1 and not script.pairs
+
+
+def test_prog_last_answers_that_never_settle_are_asked_after_a_new_recovery(script):
+    drv = connect(script)
+    prog = PulseProgram(8, np.array([0]), np.array([2]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.expect((msg, DriverTimeout("lost")), *[(b"PROG:LAST?\n", x) for x in (b"6\n", b"8\n", b"6\n", b"8\n")],
+                  (b"PROG:LAST?\n", b"7\n"), (b"PROG:LAST?\n", b"7\n"), (msg, b"8\n"))
+    drv.apply(prog)
+    assert script.writes().count(msg) == 2 and script.syncs == 2 and not script.pairs
 
 
 def test_unconfirmable_program_raises_without_sending_twice(script):
@@ -271,3 +281,119 @@ def test_a_program_garbled_on_the_way_in_is_sent_again(script):
     script.expect((msg, b'!-160,"program payload fails its CRC32 check (corrupted in transit)"\n'), (msg, b"4\n"))
     drv.apply(prog)
     assert script.writes().count(msg) == 2 and drv.stats.resends == 1 and drv.lifetime_pulses[5] == 6
+
+
+# ---------------------------------------------------------------------------- issue 8
+def test_last_program_id_is_believed_only_when_two_answers_in_a_row_agree(script):
+    """A resume settles programs by this answer: one corrupted reply ('314' read as '324') must not count."""
+    drv = connect(script)
+    script.expect((b"PROG:LAST?\n", b"324\n"), (b"PROG:LAST?\n", b"314\n"), (b"PROG:LAST?\n", b"314\n"))
+    assert drv.last_program_id() == 314
+    assert not script.pairs
+    script.expect((b"PROG:LAST?\n", b"0\n"), (b"PROG:LAST?\n", b"0\n"))
+    assert drv.last_program_id() is None
+
+
+def test_last_program_id_that_never_settles_raises(script):
+    drv = connect(script)  # retries=2: at most 6 answers
+    script.expect(*[(b"PROG:LAST?\n", b"%d\n" % (5 + i % 2)) for i in range(6)])
+    with pytest.raises(ProtocolError, match="no two agreeing answers"):
+        drv.last_program_id()
+    assert not script.pairs
+
+
+def test_a_resend_refused_as_old_counts_as_landed_only_if_prog_last_is_its_id(script):
+    drv = connect(script)
+    prog = PulseProgram(8, np.array([0]), np.array([2]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    refused = b'!102,"program 8 is not after the last applied program 8; not applied"\n'
+    # The tester answered PROG:LAST? 6 (twice, from a stale state), then refused the re-send: it has 8 now.
+    script.expect((msg, DriverTimeout("lost")), (b"PROG:LAST?\n", b"6\n"), (b"PROG:LAST?\n", b"6\n"),
+                  (msg, refused), (b"PROG:LAST?\n", b"8\n"), (b"PROG:LAST?\n", b"8\n"))
+    drv.apply(prog)
+    assert drv.lifetime_pulses[0] == 2 and not script.pairs
+
+
+def test_a_resend_refused_as_old_with_another_last_id_raises(script):
+    drv = connect(script)
+    prog = PulseProgram(8, np.array([0]), np.array([2]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    refused = b'!102,"program 8 is not after the last applied program 9; not applied"\n'
+    script.expect((msg, DriverTimeout("lost")), (b"PROG:LAST?\n", b"6\n"), (b"PROG:LAST?\n", b"6\n"),
+                  (msg, refused), (b"PROG:LAST?\n", b"9\n"), (b"PROG:LAST?\n", b"9\n"))
+    with pytest.raises(InstrumentError, match="last applied program is 9, not 8") as e:
+        drv.apply(prog)
+    assert e.value.code == 102
+    assert drv.lifetime_pulses[0] == 0  # not booked: the tester never applied program 8 for us
+
+
+def test_a_program_refused_as_old_on_the_first_send_raises(script):
+    drv = connect(script)
+    prog = PulseProgram(3, np.array([0]), np.array([2]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.expect((msg, b'!102,"program 3 is not after the last applied program 9; not applied"\n'))
+    with pytest.raises(InstrumentError, match="last applied program 9"):
+        drv.apply(prog)
+    assert script.writes().count(msg) == 1 and drv.lifetime_pulses[0] == 0
+
+
+def test_error_200_on_a_query_is_asked_again_on_the_same_link(script):
+    """200: the tester did not run the command; an idempotent query is simply asked again."""
+    drv = connect(script)
+    req = P.encode_message("READ?", block=P.encode_addresses([1]))
+    script.expect((req, b'!200,"injected fault"\n'), (req, blk(P.encode_read_reply(1.0, [4.0]))))
+    assert drv.read([1]).conductances_us.tolist() == [4.0]
+    script.expect((b"TIME?\n", b'!200,"injected fault"\n'), (b"TIME?\n", b"2.5\n"))
+    assert drv.now() == 2.5
+    assert script.t.reconnect.call_count == 0 and drv.stats.retried_errors == 2
+
+
+def test_error_200_on_every_try_raises_it(script):
+    drv = connect(script)
+    script.expect(*[(b"TIME?\n", b'!200,"injected fault"\n')] * 3)
+    with pytest.raises(InstrumentError) as e:
+        drv.now()
+    assert e.value.code == 200 and not script.pairs
+
+
+def test_a_program_refused_with_200_is_sent_again(script):
+    drv = connect(script)
+    prog = PulseProgram(4, np.array([5]), np.array([1]), np.array([False]))
+    msg = P.encode_message("PROG:APPL?", block=P.encode_program(prog))
+    script.expect((msg, b'!200,"injected fault"\n'), (msg, b"4\n"))
+    drv.apply(prog)
+    assert script.writes().count(msg) == 2 and drv.stats.resends == 1 and drv.lifetime_pulses[5] == 6
+    assert script.t.reconnect.call_count == 0
+
+
+def test_limits_in_force_are_the_intersection_of_host_and_tester(mocker):
+    from drivers import Range
+
+    tester = SafetyLimits(set_amplitude_ua=Range(min=20, max=150), max_set_pulses_per_device=8, address_max=4)
+    pairs = [HANDSHAKE[0], HANDSHAKE[1], (b"LIM?\n", tester.model_dump_json().encode() + b"\n"), HANDSHAKE[3]]
+    s = Script(mocker, pairs)
+    host = SafetyLimits(set_amplitude_ua=Range(min=10, max=5000), max_set_pulses_per_device=64,
+                        max_devices_per_program=1)
+    drv = Driver(s.t, limits=host)
+    lim = drv.limits
+    assert (lim.set_amplitude_ua.min, lim.set_amplitude_ua.max) == (20, 150)  # the tester's, not the host's 5000
+    assert lim.max_set_pulses_per_device == 8 and lim.address_max == 4 and lim.max_devices_per_program == 1
+    assert drv.tester_limits == tester
+    from drivers import PulseShape, PulseShapes
+
+    hot = PulseProgram(1, np.array([0]), np.array([1]), np.array([False]),
+                       PulseShapes(set=PulseShape(amplitude_ua=4000, width_ns=50)))
+    with pytest.raises(SafetyViolation, match="set_amplitude_ua"):
+        drv.apply(hot)
+    with pytest.raises(SafetyViolation, match="max_set_pulses_per_device"):
+        drv.apply(PulseProgram(1, np.array([0]), np.array([9]), np.array([False])))
+    assert s.t.write.call_count == len(pairs)
+
+
+def test_limits_that_do_not_overlap_refuse_the_connection(mocker):
+    from drivers import Range
+
+    s = Script(mocker, HANDSHAKE[:3])
+    with pytest.raises(SafetyViolation, match="do not overlap"):
+        Driver(s.t, limits=SafetyLimits(set_amplitude_ua=Range(min=500, max=600)))
+    assert s.t.close.called
