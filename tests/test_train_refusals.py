@@ -68,7 +68,7 @@ def _refused(tmp_path: Path, toml: str, match: str, *extra: str) -> str:
     (TINY.replace("hidden = [8]", "hidden = [100000, 100000]"), "devices; addresses are 32-bit"),
     (TINY.replace("hidden = [8]", "hidden = [30000, 30000]"), "GiB of memory"),
     (TINY + "[mapping]\nrow0 = 1000000000\n", "devices; addresses are 32-bit"),
-    (TINY + "[mapping]\nrow0 = 40000000\n", "GiB of memory"),
+    (TINY + "[mapping]\nrow0 = 100000000\n", "GiB of memory"),
     (TINY + "[updat]\n", "updat: unknown key (did you mean 'update'?)"),
 ])
 def test_config_that_cannot_be_meant_is_refused_before_anything_exists(tmp_path: Path, toml: str, match: str) -> None:
