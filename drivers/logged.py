@@ -23,6 +23,10 @@ class LoggedDriver(ArrayDriver):
     A program is logged before it is handed to inner.apply, so a crash mid-apply leaves it in the
     log (whether the chip applied it is then settled with last_program_id()). A program the safety
     limits refuse is neither logged nor sent. mvm/mvm_t pass through unlogged.
+
+    When the log cannot take a row (a full disk), the writer's RunLogError propagates and the writer
+    is closed: a program whose logging failed is not sent, and every later read or program raises
+    RunLogError too, so nothing reaches the chip that the log lacks.
     """
 
     def __init__(self, inner: ArrayDriver, writer: RunLogWriter, *,
@@ -67,6 +71,7 @@ class LoggedDriver(ArrayDriver):
     def read(self, addresses: npt.ArrayLike | None = None) -> ReadResult:
         """Read through inner (which checks the addresses) and log the result."""
         self._check_open()
+        self.writer._check_open()   # a closed or failed log: no read that could not be logged
         r = self.inner.read(addresses)
         self.writer._log_reads(self.step, r.t_s, r.addresses, r.conductances_us, self.reason, self.wall_clock())
         return r
@@ -85,7 +90,8 @@ class LoggedDriver(ArrayDriver):
         self.inner.check_program(program)
 
     def apply(self, program: PulseProgram) -> None:
-        """Check once (on inner), log, then apply through inner: a refused program is neither logged nor sent."""
+        """Check once (on inner), log, then apply through inner: a program refused by the limits, or one
+        the log could not take (RunLogError), is not sent."""
         self.check_program(program)
         t = self.inner.now() if self.program_times else None
         self.writer._log_program(self.step, program, t, self.wall_clock())

@@ -8,6 +8,7 @@ A request that departs from the log raises ReplayMismatch naming where and how.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import numpy.typing as npt
 from .base import ArrayDriver
 from .errors import DriverError
 from .program import Geometry, PulseProgram, ReadResult
-from .runlog import RunLogError, RunLogReader
+from .runlog import RunLogError, RunLogReader, RunLogWarning
+from .runlog.reader import format_problems
 from .safety import SafetyLimits
 
 WINDOW_ROWS = 1 << 20   # per-device rows fetched from the file at a time
@@ -29,16 +31,22 @@ class ReplayMismatch(DriverError):
 class ReplayDriver(ArrayDriver):
     """Re-serves the reads of a run log (written through LoggedDriver) in order; conductances in uS, times in s.
 
-    The log must have been closed or flushed up to the part to replay. Analog mvm is not recorded
-    in a log, so a replay offers no MVM capability.
+    The log must have been closed or flushed up to the part to replay; its checksums are verified
+    before anything is served. Analog mvm is not recorded in a log, so a replay offers no MVM capability.
     """
 
     def __init__(self, log: str | Path | RunLogReader, *, geometry: Geometry | None = None,
-                 limits: SafetyLimits | None = None) -> None:
-        """log: the run log (path or open reader); geometry/limits: override what the log's attributes say."""
+                 limits: SafetyLimits | None = None, verify: bool = True) -> None:
+        """log: the run log (path or open reader); geometry/limits: override what the log's attributes say.
+
+        verify: recompute the log's checksums first and refuse (RunLogError naming dataset and rows) a
+        log that fails them; a schema-1 log has none and is replayed with a RunLogWarning.
+        """
         self._reader = log if isinstance(log, RunLogReader) else RunLogReader(log)
         self._own_reader = not isinstance(log, RunLogReader)
         try:
+            if verify:
+                self._verify()
             attrs = self._reader.attrs
             if geometry is None:
                 if "driver_rows" not in attrs or "driver_cols" not in attrs:
@@ -69,6 +77,16 @@ class ReplayDriver(ArrayDriver):
         self._window = (0, 0)
         self._win_addr = np.empty(0, np.int64)
         self._win_g = np.empty(0, np.float32)
+
+    def _verify(self) -> None:
+        r = self._reader
+        if not r.has_checksums:
+            warnings.warn(f"run log {r.path} has no checksums (schema 1): replaying it unverified",
+                          RunLogWarning, stacklevel=3)
+            return
+        problems = r.verify()
+        if problems:
+            raise RunLogError(format_problems(r.path, problems, "refusing to replay it"))
 
     # ------------------------------------------------------------------ description
     @property

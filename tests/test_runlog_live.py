@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from drivers import PulseProgram
-from drivers.runlog import RunLogError, RunLogReader, RunLogWriter
+from drivers.runlog import RunLogError, RunLogReader, RunLogWriter, verify_log
+from drivers.runlog.files import superblock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +153,7 @@ def test_kill_9_keeps_every_flushed_row_and_the_log_reopens(tmp_path, writer):
     flushed = w.do("flush")
     logged = w.do("batch 7")                            # in the buffers only
     w.kill()
+    assert "verified" in verify_log(path)
     with RunLogReader(path) as r:
         seen = r.counts
         assert flushed["read_events"] <= seen["read_events"] <= logged["read_events"]
@@ -160,7 +162,8 @@ def test_kill_9_keeps_every_flushed_row_and_the_log_reopens(tmp_path, writer):
         assert [p.program_id for _, _, p in r.programs()] == list(range(1, seen["programs"] + 1))
     # A killed writer's file cut short is refused with a clear error, not read as garbage.
     cut = tmp_path / "cut.h5"
-    cut.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    # Half of what the superblock says: the file's length also counts the disk space reserved past it.
+    cut.write_bytes(path.read_bytes()[:superblock(path)[2] // 2])
     with pytest.raises(RunLogError, match="truncated"):
         RunLogReader(cut)
     # Append after the crash: the dead writer's marks are cleared, every surviving row is kept.
@@ -242,6 +245,8 @@ def test_kill_9_at_random_moments_then_append_keeps_a_consistent_log(tmp_path):
             p.send_signal(signal.SIGKILL)
             p.wait()
             p.stdout.close()
+        # Every row the dead writer flushed verifies; anything past its last checksums is a torn tail.
+        assert "verified" in verify_log(path)
         with RunLogReader(path) as r:
             ev, flat, progs, m = r.read_events(), r.reads(), r.programs(), r.metrics()
         n = len(ev["step"])

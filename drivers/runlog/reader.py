@@ -1,0 +1,287 @@
+"""RunLogReader: reads a run log with plain h5py in SWMR mode (also while it is written), and checks it.
+
+In a schema-2 log a reader sees only rows a checksum block covers: rows past a dataset's last block
+are a torn tail (a writer that died between writing rows and their checksums, or one mid-flush) and
+are what RunLogWriter(append=True) drops. verify() recomputes every checksum.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+
+from ..program import PulseProgram, PulseShape, PulseShapes
+from .checksums import chain, crc, crcs, load_table
+from .files import check_not_truncated, describe_open_error, open_h5
+from .schema import ARRAY_CRC_ATTR, ARRAYS, DATASETS, RunLogError, attr_value, check_schema
+
+#: Problems quoted in one RunLogError message; the rest are counted.
+QUOTED_PROBLEMS = 5
+
+
+def format_problems(path: Path, problems: list[str], consequence: str) -> str:
+    """One message for a failed integrity check: the file, the first problems (dataset and rows), the count."""
+    more = len(problems) - QUOTED_PROBLEMS
+    listed = "; ".join(problems[:QUOTED_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
+    return f"run log {path} fails its integrity check, {consequence}: {listed}"
+
+
+class RunLogReader:
+    """Reads a run log with plain h5py in SWMR mode, so it works while a writer is running.
+
+    It sees the rows flushed when it opened; refresh() brings in the rows flushed since.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._f: h5py.File | None = None
+        self._open()
+
+    def _open(self) -> None:
+        if not self.path.is_file():
+            raise RunLogError(f"no run log at {self.path}")
+        check_not_truncated(self.path)
+        try:
+            f = h5py.File(self.path, "r", swmr=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            if "superblock version" not in str(e) and "SWMR" not in str(e):
+                raise RunLogError(describe_open_error(self.path, e)) from e
+            # Not a SWMR-capable file: surely not a run log, but let the schema check say so.
+            f = open_h5(self.path, "r")
+        try:
+            #: The file's schema version: 1 (no checksums) or 2.
+            self.schema_version = check_schema(f, self.path)
+            self.attrs: dict[str, Any] = {k: attr_value(v) for k, v in f.attrs.items()}
+            self._ds = {name: f[name] for name in DATASETS}
+            lengths = {name: int(ds.shape[0]) for name, ds in self._ds.items()}
+            if self.has_checksums:
+                self._table, names = self._guard(load_table, f)
+                covered, self._valid, self._chain_problems = chain(self._table, names, lengths)
+                self._n = covered
+                self._torn = {n: lengths[n] - covered[n] for n in lengths if lengths[n] > covered[n]}
+            else:
+                self._n = lengths
+                self._torn = {}
+        except BaseException:
+            f.close()
+            raise
+        self._f = f
+        self._read_names()
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the log carries checksums (schema 2 and later); verify() has nothing to check otherwise."""
+        return self.schema_version >= 2
+
+    # ------------------------------------------------------------------ following a live log
+    def refresh(self) -> None:
+        """See what was flushed since this reader opened or last refreshed: rows, attributes, arrays.
+
+        Reopens the file (a few milliseconds), because SWMR refreshes datasets but not the root
+        group's attributes or new arrays.
+        """
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._open()
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except RunLogError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise RunLogError(f"run log {self.path} is corrupt or truncated: {e}") from e
+
+    def _read_names(self) -> None:
+        def names(name: str) -> list[str]:
+            return [bytes(b).decode("utf-8", "replace") for b in self._ds[name][:self._n[name]]]
+        self._reason_names = self._guard(names, "reads/reason_names")
+        self._metric_names = self._guard(names, "metrics/names")
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self) -> list[str]:
+        """Recompute the CRC-32 of every checksummed row and array; one line per problem, [] when all match.
+
+        Each problem names the dataset and its rows (e.g. "/programs/set_count rows 0..99: CRC-32 ...").
+        Rows past a dataset's last checksum block (a torn tail) are not problems; torn_tail says how
+        many there are. A schema-1 log has no checksums: [] (see has_checksums).
+        """
+        if not self.has_checksums:
+            return []
+        problems = list(self._chain_problems)
+        t = self._table
+        for name, rows in self._valid.items():
+            if not rows:
+                continue
+            ranges = list(zip(t["start"][rows].tolist(), t["stop"][rows].tolist(), strict=True))
+            got = self._guard(crcs, self._ds[name], DATASETS[name][0], ranges)
+            for (start, stop), want, value in zip(ranges, t["crc32"][rows].tolist(), got, strict=True):
+                if value != want:
+                    problems.append(f"/{name} rows {start}..{stop - 1}: CRC-32 {value:#010x}, "
+                                    f"its checksum says {want:#010x} (the rows were changed)")
+        for name in self.array_names():
+            ds = self._f[f"{ARRAYS}/{name}"]
+            want = ds.attrs.get(ARRAY_CRC_ATTR)
+            if want is None:
+                problems.append(f"/{ARRAYS}/{name}: no {ARRAY_CRC_ATTR} attribute")
+            elif crc(self._guard(lambda d=ds: d[()])) != int(want):
+                problems.append(f"/{ARRAYS}/{name}: CRC-32 differs from its {ARRAY_CRC_ATTR} attribute "
+                                f"(the array was changed)")
+        return problems
+
+    @property
+    def torn_tail(self) -> dict[str, int]:
+        """Rows per dataset past its last checksum block (not served, dropped on append); {} for none."""
+        return dict(self._torn)
+
+    @property
+    def checksummed_rows(self) -> int:
+        """Rows (all datasets together) that checksum blocks cover."""
+        return sum(self._n.values()) if self.has_checksums else 0
+
+    # ------------------------------------------------------------------ the data
+    def _complete_events(self, group: str, cols: tuple[str, ...], code_field: str, n_codes: int
+                         ) -> npt.NDArray[np.void]:
+        """The events whose devices (and names) a possibly-live writer has fully flushed."""
+        ev = self._ds[f"{group}/events"][:self._n[f"{group}/events"]]
+        n_dev = min(self._n[f"{group}/{c}"] for c in cols)
+        ok = (ev["start"] + ev["count"] <= n_dev) & (ev[code_field] < n_codes)
+        return ev if ok.all() else ev[:int(np.argmin(ok))]
+
+    def _read_table(self) -> npt.NDArray[np.void]:
+        return self._guard(self._complete_events, "reads", ("address", "conductance_us"), "reason",
+                           len(self._reason_names))
+
+    def _program_table(self) -> npt.NDArray[np.void]:
+        return self._guard(self._complete_events, "programs", ("address", "set_count", "reset"), "shapes",
+                           self._n["programs/shapes"])
+
+    def read_events(self) -> dict[str, np.ndarray]:
+        """Per read call: seq, step, t_s (s, driver clock), wall_s (Unix s), reason (str), reason_code, start, count."""
+        ev = self._read_table()
+        out = {k: ev[k].copy() for k in ("seq", "step", "t_s", "wall_s", "start", "count")}
+        out["reason_code"] = ev["reason"].astype(np.int64)
+        out["reason"] = np.array(self._reason_names, dtype=str)[ev["reason"]] if len(ev) else np.array([], str)
+        return out
+
+    def reads(self) -> dict[str, np.ndarray]:
+        """Per device read, flat: step, t_s (s), wall_s, address, conductance_us (uS), reason (str)."""
+        ev = self._read_table()
+        end = int(ev["start"][-1] + ev["count"][-1]) if len(ev) else 0
+        addr = self._guard(lambda: self._ds["reads/address"][:end])
+        g = self._guard(lambda: self._ds["reads/conductance_us"][:end])
+        counts = ev["count"].astype(np.int64)
+        names = np.array(self._reason_names, dtype=str) if self._reason_names else np.array([], str)
+        return {"step": np.repeat(ev["step"], counts), "t_s": np.repeat(ev["t_s"], counts),
+                "wall_s": np.repeat(ev["wall_s"], counts), "address": addr.astype(np.int64),
+                "conductance_us": g, "reason": np.repeat(names[ev["reason"]] if len(ev) else names, counts)}
+
+    def read_devices(self, start: int, stop: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Flat per-device rows start..stop-1 of the reads: (addresses, conductances in uS)."""
+        def rows() -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+            n = min(self._n["reads/address"], self._n["reads/conductance_us"])
+            return (self._ds["reads/address"][start:min(stop, n)].astype(np.int64),
+                    self._ds["reads/conductance_us"][start:min(stop, n)])
+        return self._guard(rows)
+
+    def program_events(self) -> dict[str, np.ndarray]:
+        """Per program: seq, program_id, step, t_s (s, NaN: not recorded), wall_s, shapes (code), start, count."""
+        ev = self._program_table()
+        return {k: ev[k].copy() for k in ev.dtype.names}
+
+    def programs(self) -> list[tuple[int, float, PulseProgram]]:
+        """Every logged program as (step, t_s, program), in logged order."""
+        ev = self._program_table()
+        end = int(ev["start"][-1] + ev["count"][-1]) if len(ev) else 0
+        addr = self._guard(lambda: self._ds["programs/address"][:end]).astype(np.int64)
+        cnt = self._guard(lambda: self._ds["programs/set_count"][:end]).astype(np.int64)
+        rst = self._guard(lambda: self._ds["programs/reset"][:end]).astype(np.bool_)
+        shapes = [self.shapes(i) for i in range(self._n["programs/shapes"])]
+        out = []
+        for e in ev:
+            s, n = int(e["start"]), int(e["count"])
+            out.append((int(e["step"]), float(e["t_s"]),
+                        PulseProgram(int(e["program_id"]), addr[s:s + n], cnt[s:s + n], rst[s:s + n],
+                                     shapes[int(e["shapes"])])))
+        return out
+
+    def shapes(self, code: int) -> PulseShapes:
+        """The pulse shapes logged under code (the programs table's shapes column)."""
+        if not 0 <= code < self._n["programs/shapes"]:
+            raise RunLogError(f"run log {self.path} has no pulse shapes {code}")
+        r = self._guard(lambda: self._ds["programs/shapes"][code])
+        return PulseShapes(set=PulseShape(amplitude_ua=float(r["set_amplitude_ua"]), width_ns=float(r["set_width_ns"])),
+                           reset=PulseShape(amplitude_ua=float(r["reset_amplitude_ua"]),
+                                            width_ns=float(r["reset_width_ns"])))
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """One row per log_metrics call: "step", "wall_s" and one column per metric name (NaN where absent)."""
+        rows = self._guard(lambda: self._ds["metrics/rows"][:self._n["metrics/rows"]])
+        rows = rows[rows["name"] < len(self._metric_names)]
+        records, first, idx = np.unique(rows["record"], return_index=True, return_inverse=True)
+        out: dict[str, np.ndarray] = {"step": rows["step"][first].copy(), "wall_s": rows["wall_s"][first].copy()}
+        for code, name in enumerate(self._metric_names):
+            col = np.full(len(records), np.nan)
+            sel = rows["name"] == code
+            col[idx[sel]] = rows["value"][sel]
+            out[name] = col
+        return out
+
+    def array(self, name: str) -> np.ndarray:
+        """The array stored under /arrays/name."""
+        full = f"{ARRAYS}/{name}"
+        if full not in self._f:
+            raise RunLogError(f"run log {self.path} has no array {name!r}")
+        return self._guard(lambda: self._f[full][()])
+
+    def array_names(self) -> list[str]:
+        """Names of every array under /arrays."""
+        names: list[str] = []
+        self._f[ARRAYS].visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        return sorted(names)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows a reader sees now, keyed like RunLogWriter.counts."""
+        rev = self._read_table()
+        pev = self._program_table()
+        m = self._guard(lambda: self._ds["metrics/rows"][:self._n["metrics/rows"]])
+        return {"read_events": len(rev), "reads": int(rev["count"].sum()), "programs": len(pev),
+                "program_devices": int(pev["count"].sum()), "metrics": len(np.unique(m["record"]))}
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> RunLogReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def verify_log(path: str | Path) -> str:
+    """Check every checksummed row and array of the run log at path without changing it.
+
+    Returns a one-line summary ("... rows verified", or "no checksums (schema 1)" for a log that has
+    none); raises RunLogError naming the file, the failing datasets and their row ranges otherwise.
+    Rows past a dataset's last checksum (a killed writer's torn tail) are counted, not refused.
+    """
+    with RunLogReader(path) as r:
+        if not r.has_checksums:
+            return f"run log {r.path}: no checksums (schema 1), nothing verified"
+        problems = r.verify()
+        if problems:
+            raise RunLogError(format_problems(r.path, problems, "so it cannot be trusted"))
+        blocks = len(r._table)
+        torn = sum(r.torn_tail.values())
+        tail = f"; {torn} rows past the last checksums (a torn tail) are not part of it" if torn else ""
+        return f"run log {r.path}: {r.checksummed_rows} rows in {blocks} checksum blocks verified{tail}"
