@@ -15,9 +15,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train neural
 console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"pcm-hil {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output on stderr (-v: info, -vv: debug).")] = 0,
+    log_level: Annotated[Optional[str], typer.Option(help="Log level on stderr: debug, info, warning, error.")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
     """Train neural networks on phase-change-memory chips: real testers, simulated chips, replayed logs."""
+    from .logs import setup_console_logging
+
+    try:
+        setup_console_logging(verbose, log_level)
+    except ValueError as e:
+        typer.echo(f"pcm-hil: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("pulse-response")

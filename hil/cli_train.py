@@ -29,6 +29,12 @@ def driver_overrides(driver: str) -> dict[str, Any]:
     return {"driver.kind": "serial" if is_serial_url(driver) else "visa", "driver.resource": driver}
 
 
+def link_stats(driver: Any) -> dict[str, int] | None:
+    from .run import link_stats as stats
+
+    return stats(driver)
+
+
 class _Bar:
     """A rich progress bar fed by the trainer: samples/s and running accuracy of the epoch."""
 
@@ -50,8 +56,11 @@ class _Bar:
         dt = time.perf_counter() - self.t0
         rate = (at.samples_trained - self.first) / dt if dt > 0 else 0.0
         acc = at.correct / at.seen if at.seen else float("nan")
+        link = link_stats(trainer.array.driver) if trainer.array is not None else None
+        trouble = {k: v for k, v in (link or {}).items() if k != "round_trips" and v}
+        extra = ("  link: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in trouble.items())) if trouble else ""
         self.progress.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s",
-                             acc=f"running acc {acc:.3f}" if at.seen else "",
+                             acc=(f"running acc {acc:.3f}" if at.seen else "") + extra,
                              description=f"epoch {min(at.epoch + 1, trainer.cfg.update.epochs)}")
 
 
@@ -70,6 +79,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for k in ("test_accuracy", "baseline_test_accuracy", "epochs", "samples_trained", "train_seconds",
               "us_per_sample", "reads_logged", "programs_applied", "set_pulses", "reset_pulses", "refreshes"):
         table.add_row(k, fmt(summary.get(k)))
+    for k, v in (summary.get("link") or {}).items():
+        table.add_row(f"link {k.replace('_', ' ')}", fmt(v))
     console.print(table)
     console.print(f"run log: {run_dir / 'run.h5'}   summary: {run_dir / 'summary.json'}")
 
@@ -84,6 +95,10 @@ def train_cmd(
     data: Annotated[Optional[str], typer.Option(help="Data set: mnist or digits (overrides the config).")] = None,
     train_limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N training samples.")] = None,
     test_limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N test samples.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of initialization and data order (overrides the config).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                      help="Set any config key, e.g. --set update.lr=0.05 --set "
+                                                           "network.hidden=[100,50] (value in TOML syntax; repeatable).")] = None,
 ) -> None:
     """Train the network on the array with the mixed-precision scheme; every read and program is logged."""
     from drivers import DriverError
@@ -110,8 +125,9 @@ def train_cmd(
             given = None
             if config is not None:
                 given = load_config(config)
-            if epochs is not None or data is not None or train_limit or test_limit:
-                raise ConfigError("a resume uses the run's own config.toml; --epochs/--data/--*-limit are refused")
+            if epochs is not None or data is not None or train_limit or test_limit or seed is not None or set_:
+                raise ConfigError("a resume uses the run's own config.toml; --epochs/--data/--*-limit/--seed/--set "
+                                  "are refused")
             run_dir = resume
             cfg_total = load_config(resume / "config.toml")
             runner = lambda bar: resume_run(resume, config=given, driver=driver, baseline=baseline,  # noqa: E731
@@ -129,6 +145,9 @@ def train_cmd(
                 over["data.train_limit"] = train_limit
             if test_limit is not None:
                 over["data.test_limit"] = test_limit
+            if seed is not None:
+                over["seed"] = seed
+            over.update(parse_sets(set_ or []))
             if over:
                 cfg = cfg.with_overrides(**over)
             cfg_total = cfg
@@ -161,6 +180,26 @@ def train_cmd(
         say(f"stopped by {signal.Signals(stop.signal).name} at step {summary.get('steps', '?')}; the run is resumable:")
         say(f"  {_resume_command(run_dir, driver)}")
         raise typer.Exit(128 + stop.signal)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE options as dotted config keys; VALUE is read as TOML (bare words stay strings)."""
+    import tomllib
+
+    from .config import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted config key, e.g. update.lr=0.05")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out[key] = value
+    return out
 
 
 def _resume_command(run_dir: Path, driver: str | None) -> str:

@@ -181,6 +181,8 @@ class RunConfig(_Strict):
             *parents, leaf = key.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"invalid run config command-line options:\n  {key}: {p} is not a table")
             node[leaf] = value
         return validate_config(data, "command-line options")
 

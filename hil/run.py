@@ -7,7 +7,9 @@ before RUN_DIR is created, so a refused run leaves nothing behind and overwrites
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 import tomllib
@@ -28,10 +30,13 @@ from .array import ArrayWeights
 from .config import ConfigError, RunConfig, config_warnings, load_config
 from .data import Dataset, load_dataset
 from .journal import read_journal
+from .logs import run_log_file
 from .mapping import Mapping
 from .reconcile import check_ledger, check_program_ids, expected_ledger, journaled_program_ids
 from .sizing import check_run_fits
 from .trainer import CheckpointError, Trainer, load_checkpoint, restore, roll_forward
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
 LOG_FILE = "run.h5"
@@ -301,21 +306,29 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
     except BaseException:
         inner.close()
         raise
-    for w in json.loads(s.log_attrs["warnings_json"]):
-        if notify is not None:
-            notify(f"warning: {w}")
     made = False
     try:
         run_dir.mkdir(parents=True)
         made = True
-        write_atomic(run_dir / CONFIG_FILE, cfg.to_toml().encode())
-        s.attach_log(run_dir, append=False)
-        t = s.trainer
-        t.start_journal()
-        assert t.array is not None
-        t.array.initialize(t.w0)
-        t.checkpoint()
-        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every, stop)
+        with run_log_file(run_dir):
+            try:
+                for w in json.loads(s.log_attrs["warnings_json"]):
+                    _warn(notify, w)
+                write_atomic(run_dir / CONFIG_FILE, cfg.to_toml().encode())
+                s.attach_log(run_dir, append=False)
+                t = s.trainer
+                assert t.array is not None
+                log.info("new run in %s on %s; limits in force %s; program ids from %d; journal fsync %s",
+                         run_dir, inner.identity, inner.limits.model_dump_json(), t.array.next_program_id,
+                         t.journal_fsync)
+                t.start_journal()
+                t.array.initialize(t.w0)
+                t.checkpoint()
+                return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
+                                         progress_every, stop)
+            except BaseException as e:
+                log.error("run stopped by %s: %s", type(e).__name__, e)
+                raise
     except BaseException as e:
         if made and _nothing_reached_the_chip(s, e):
             s.close()
@@ -323,6 +336,19 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
         raise
     finally:
         s.close()
+
+
+def _warn(notify: NotifyFn | None, text: str) -> None:
+    log.warning("%s", text)
+    if notify is not None:
+        notify(f"warning: {text}")
+
+
+def link_stats(driver: ArrayDriver) -> dict[str, int] | None:
+    """The link counters of the tester behind driver (LoggedDriver unwrapped); None for an in-process chip."""
+    inner = getattr(driver, "inner", driver)
+    stats = getattr(inner, "stats", None)
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None
 
 
 def _nothing_reached_the_chip(s: Session, e: BaseException) -> bool:
@@ -355,6 +381,13 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     summary["unapplied_program_ids"] = t.unapplied_program_ids
     summary["finished"] = t.at.epoch >= cfg.update.epochs
     summary["stopped_by_signal"] = t.stop_requested or None
+    summary["link"] = link_stats(s.inner)
+    if summary["link"] is not None:
+        log.info("link: %s", summary["link"])
+        if s.writer is not None:
+            s.writer.log_metrics(t.at.step, **{f"link_{k}": float(v) for k, v in summary["link"].items()})
+    if t.stop_requested:
+        log.info("stopped by signal %d at step %d; resumable", t.stop_requested, t.at.step)
     write_atomic(run_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
@@ -426,13 +459,24 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
                                    [p for _, p in rf.programs_applied])
             check_ledger(inner, aw.mapping.addresses, want, cfg.driver.resource or inner.identity)
         # Nothing was written so far; from here on the resume goes ahead.
-        s.attach_log(run_dir, append=True)
-        _relog_missing(s, t, rf)
-        assert t.array is not None
-        t._set_log_step(t.at.step)  # noqa: SLF001 - the resume's read belongs to the step it resumes at
-        t.array.read(None, "resume")
-        t.checkpoint()
-        return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps, progress_every, stop)
+        with run_log_file(run_dir):
+            try:
+                log.info("resume of %s at step %d on %s: %d journal records rolled forward, %d programs settled "
+                         "as applied, unapplied: %s; the chip %s", run_dir, t.at.step, inner.identity, rf.records,
+                         len(rf.programs_applied), rf.unapplied_program_id,
+                         "was restored from the checkpoint" if reapply else
+                         f"agrees (PROG:LAST? {last_applied}, lifetime counts of the mapped devices)")
+                s.attach_log(run_dir, append=True)
+                _relog_missing(s, t, rf)
+                assert t.array is not None
+                t._set_log_step(t.at.step)  # noqa: SLF001 - the resume's read belongs to the step it resumes at
+                t.array.read(None, "resume")
+                t.checkpoint()
+                return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
+                                         progress_every, stop)
+            except BaseException as e:
+                log.error("run stopped by %s: %s", type(e).__name__, e)
+                raise
     finally:
         s.close()
 

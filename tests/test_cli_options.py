@@ -1,0 +1,76 @@
+"""Command-line options every user reaches for: --set, --seed, --version, -v / --log-level, RUN_DIR/pcm-hil.log,
+and the link statistics of a tester run in summary.json and the run log."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from hil.cli import app
+
+TINY = ["--data", "digits", "--train-limit", "150", "--set", "network.hidden=[8]"]
+
+
+def _cli(*args: str):
+    r = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r
+
+
+def test_set_and_seed_reach_the_resolved_config(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = _cli("train", *TINY, "--set", "update.lr=0.07", "--set", "refresh.mode=verify", "--seed", "4", "--out", str(run))
+    assert r.exit_code == 0, r.output
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert cfg["seed"] == 4 and cfg["update"]["lr"] == 0.07 and cfg["network"]["hidden"] == [8]
+    assert cfg["refresh"]["mode"] == "verify"  # a bare word stays a string
+
+
+def test_bad_set_is_one_line(tmp_path: Path) -> None:
+    for bad, msg in (("update.lrr=1", "update.lrr: unknown key (did you mean 'lr'?)"),
+                     ("update", "expected KEY=VALUE"), ("update.lr.x=1", "lr is not a table"),
+                     ("update.epochs=true", "update.epochs: Input should be a valid integer")):
+        r = _cli("train", *TINY, "--set", bad, "--out", str(tmp_path / "run"))
+        assert r.exit_code == 2 and msg in " ".join(r.output.split()), r.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_version() -> None:
+    from hil import __version__
+
+    r = _cli("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"pcm-hil {__version__}"
+
+
+def test_log_level_and_run_log_file(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = _cli("-v", "train", *TINY, "--out", str(run))
+    assert r.exit_code == 0, r.output
+    text = (run / "pcm-hil.log").read_text()
+    assert "INFO    hil.run: new run in" in text and "limits in force" in text
+    r = _cli("--log-level", "loud", "train")
+    assert r.exit_code == 2 and "--log-level must be one of" in r.output
+
+
+def test_link_stats_of_a_tester_run(tmp_path: Path) -> None:
+    from drivers.runlog import RunLogReader
+    from hil.cli_emulator import EmulatorProcess
+
+    run = tmp_path / "run"
+    with EmulatorProcess(["--rows", "65", "--cols", "36"]) as emu:
+        r = _cli("train", *TINY, "--driver", emu.resource, "--out", str(run), "--uncalibrated")
+        if r.exit_code == 2 and "No such option: --uncalibrated" in r.output:
+            r = _cli("train", *TINY, "--driver", emu.resource, "--out", str(tmp_path / "run2"))
+            run = tmp_path / "run2"
+    assert r.exit_code == 0, r.output
+    link = json.loads((run / "summary.json").read_text())["link"]
+    assert link["round_trips"] > 100 and link["reconnects"] == 0
+    with RunLogReader(run / "run.h5") as lr:
+        m = lr.metrics()
+    logged = m["link_round_trips"]
+    assert logged[~np.isnan(logged)][-1] == link["round_trips"]
