@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -129,6 +130,34 @@ def test_a_write_failing_inside_libhdf5_is_one_error_not_a_crash(tmp_path):
     assert message.startswith(f"run log {path}: ") and "file too large" in message
     assert "libhdf5 was stopped from writing to it again" in message
     assert "was closed when" in out["AGAIN"][0]
+    # The superblock counted chunks that never reached the disk: the file is shorter than it says.
+    # Appending restores the end and lets the checksums decide; every flushed row is kept.
+    with pytest.raises(RunLogError, match="truncated.*RunLogWriter.path, append=True. restores the end"):
+        verify_log(path)
+    with RunLogWriter(path, append=True) as w:
+        kept = w.counts["programs"]
+        w.log_program(0, PulseProgram(kept + 1, np.arange(2), np.ones(2, np.int64), np.zeros(2, bool)))
+    assert "verified" in verify_log(path)
+    with RunLogReader(path) as r:
+        ids = [p.program_id for _, _, p in r.programs()]
+    assert kept > 100 and ids == list(range(1, kept + 2)) and kept <= int(out["APPLIED"][0])
+
+
+def test_a_refused_append_to_a_short_file_leaves_it_as_it_was(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path) as w:
+        for i in range(2000):
+            w.log_reads(i, 0.0, np.arange(100), np.full(100, i, np.float32), "periodic")
+            if i % 100 == 0:
+                w.flush()
+    with h5py.File(path, "r") as f:
+        ds = f["reads/conductance_us"].id
+        last = ds.get_chunk_info(ds.get_num_chunks() - 1).byte_offset
+    cut = path.read_bytes()[:last + 100]                # checksummed rows lost: the checksums must refuse it
+    path.write_bytes(cut)
+    with pytest.raises(RunLogError, match="integrity check, refusing to append to it: /reads/"):
+        RunLogWriter(path, append=True)
+    assert path.read_bytes() == cut
 
 
 def test_running_out_of_space_in_process_closes_the_log_and_keeps_it_readable(tmp_path, mocker):

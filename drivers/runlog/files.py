@@ -66,7 +66,9 @@ def check_not_truncated(path: Path) -> None:
     if sb is not None:
         size = path.stat().st_size
         if size < sb[2]:
-            raise RunLogError(f"run log {path} is truncated: {size} bytes, its header says {sb[2]}")
+            raise RunLogError(f"run log {path} is truncated: {size} bytes, its header says {sb[2]} (if its writer "
+                              f"died on a full disk, RunLogWriter(path, append=True) restores the end and "
+                              f"checks the rows with their checksums)")
 
 
 def open_h5(path: Path, mode: str, **kwargs: Any) -> h5py.File:

@@ -9,6 +9,7 @@ one RunLogError and closes the log for good (see _fail).
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from ..program import PulseProgram, PulseShapes
 from . import schema as _schema
 from .checksums import chain, crc, crcs, load_table
 from .files import (NoSpace, SpaceReserve, WriterLock, clear_writer_marks, describe_cause, describe_open_error,
-                    detach, open_h5)
+                    detach, open_h5, superblock)
 from .reader import RunLogReader, format_problems
 from .schema import (ARRAY_CRC_ATTR, ARRAYS, CHECKSUMS, LIBVER, NAME, SCHEMA_NAME, SCHEMA_VERSION, U16_MAX, U32_MAX,
                      RunLogError, attr_value, check_attr, check_schema, encode_name)
@@ -273,7 +274,13 @@ class RunLogWriter:
             raise RunLogError(f"no run log at {self.path} to append to")
         self._lock = WriterLock(self.path)
         try:
-            self._check_before_append(verify)
+            short = self._restore_recorded_end()
+            try:
+                self._check_before_append(verify or short is not None)
+            except BaseException:
+                if short is not None:
+                    os.ftruncate(self._lock.fd, short)   # refused: the file as it was
+                raise
             try:
                 f = h5py.File(self.path, "r+", libver=LIBVER)
             except OSError as e:
@@ -297,6 +304,25 @@ class RunLogWriter:
         except BaseException:
             self._lock.release()
             raise
+
+    def _restore_recorded_end(self) -> int | None:
+        """Give a file cut short of the end its superblock records its length back (zeros); its old length, or None.
+
+        What a write failing inside libhdf5 leaves (the superblock already counted chunks that never
+        reached the disk). The zeros can only stand for rows past the last checksums or for rows
+        verify() then refuses, so the checksums decide; a refused append restores the old length.
+        We hold the writer lock, so no writer is alive to be confused by it.
+        """
+        sb = superblock(self.path)
+        size = os.fstat(self._lock.fd).st_size
+        if sb is None or size >= sb[2]:
+            return None
+        try:
+            os.ftruncate(self._lock.fd, sb[2])
+        except OSError as e:
+            raise RunLogError(f"run log {self.path} is truncated ({size} bytes, its header says {sb[2]}) and "
+                              f"its end cannot be restored: {describe_cause(e)}") from e
+        return size
 
     def _check_before_append(self, verify: bool) -> None:
         """Refuse a log that is not schema SCHEMA_VERSION or fails its checksums, before anything in it changes."""
