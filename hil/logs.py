@@ -46,6 +46,8 @@ def setup_console_logging(verbose: int = 0, level: str | None = None) -> None:
     if _console is None:
         _console = _Stderr()
         _console.setFormatter(logging.Formatter(_FORMAT))
+        # Records the command line prints itself (the error that ends a run) go to the run's file only.
+        _console.addFilter(lambda record: not getattr(record, "file_only", False))
         for name in PACKAGES:
             logging.getLogger(name).addHandler(_console)
     _console.setLevel(lvl)

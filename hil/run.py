@@ -327,7 +327,7 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
                 return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
                                          progress_every, stop)
             except BaseException as e:
-                log.error("run stopped by %s: %s", type(e).__name__, e)
+                log.error("run stopped by %s: %s", type(e).__name__, e, extra={"file_only": True})
                 raise
     except BaseException as e:
         if made and _nothing_reached_the_chip(s, e):
@@ -475,7 +475,7 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
                 return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
                                          progress_every, stop)
             except BaseException as e:
-                log.error("run stopped by %s: %s", type(e).__name__, e)
+                log.error("run stopped by %s: %s", type(e).__name__, e, extra={"file_only": True})
                 raise
     finally:
         s.close()

@@ -224,20 +224,23 @@ runpy.run_module("hil.cli", run_name="__main__")
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
 def test_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
-    cfg.write_text(TINY + "epochs = 3\n[checkpoint]\naudit = true\nevery_steps = 50\n[logging]\nflush_interval_s = 0.2\n")
+    # Full reads every 2 steps grow run.h5 to about 11 MB; the file size limit stops it at 5 MB, mid-run.
+    cfg.write_text(TINY + "epochs = 6\n[read_policy]\nevery_steps = 2\n[checkpoint]\naudit = true\nevery_steps = 50\n"
+                   "[logging]\nflush_interval_s = 0.2\n")
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(600_000), "train", "--config", str(cfg), "--out", str(run)],
+    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(5_000_000), "train", "--config", str(cfg), "--out", str(run)],
                        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"), timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 2, out
     assert "Traceback" not in out and "HDF5-DIAG" not in out, out
-    assert "error:" in out and "File too large" in out, out
+    assert "error:" in out and "file too large" in out.lower(), out
+    assert len([line for line in out.splitlines() if "file too large" in line.lower()]) == 1, out
     assert f"the run is resumable: pcm-hil train --resume {run}" in out
     r = subprocess.run([sys.executable, "-m", "hil.cli", "train", "--resume", str(run)], cwd=ROOT, capture_output=True,
                        text=True, env=dict(os.environ, COLUMNS="200"), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["finished"] and summary["samples_trained"] == 3 * 200
+    assert summary["finished"] and summary["samples_trained"] == 6 * 200
     with np.load(run / "checkpoint.npz") as z:
         arrays = {k: z[k] for k in z.files}
     from drivers.runlog import RunLogReader
