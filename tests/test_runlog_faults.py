@@ -228,3 +228,13 @@ def test_logged_driver_sends_no_program_the_log_could_not_take(tmp_path, mocker)
         d.read(np.array([0]))
     with RunLogReader(tmp_path / "run.h5") as r:
         assert [p.program_id for _, _, p in r.programs()] == [1]
+
+
+@pytest.mark.parametrize("refusal", [OSError(errno.EOPNOTSUPP, "Operation not supported"), AttributeError()])
+def test_a_file_system_that_cannot_reserve_space_is_not_a_full_one(tmp_path, mocker, refusal):
+    mocker.patch("drivers.runlog.files.os.posix_fallocate", side_effect=refusal)
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path) as w:
+        for i in range(300):
+            w.log_reads(i, 0.0, np.arange(500), np.ones(500, np.float32), "periodic")
+    assert "verified" in verify_log(path)

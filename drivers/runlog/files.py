@@ -180,15 +180,25 @@ class SpaceReserve:
         """libhdf5 flushed: its end of file now counts what was pending."""
         self.pending = 0
 
+    #: What a file system says when it has no room: the only refusals that stop the log.
+    FULL = frozenset({_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT})
+
     def _grow(self, end: int) -> None:
         size = os.fstat(self.fd).st_size
         if size < end:
             try:
                 os.posix_fallocate(self.fd, size, end - size)
             except OSError as e:
-                code = e.errno or _errno.ENOSPC
-                raise NoSpace(code, f"cannot reserve {end - size} bytes at the end of {self.path}: "
-                                    f"{describe_cause(e)}") from e
+                if e.errno not in self.FULL:
+                    # A file system that cannot reserve (or not this way) is not a full one: write without
+                    # a reserve; a write libhdf5 then fails is still one RunLogError (detach).
+                    self.reserved_to = 1 << 62
+                    return
+                raise NoSpace(e.errno, f"cannot reserve {end - size} bytes at the end of {self.path}: "
+                                       f"{describe_cause(e)}") from e
+            except AttributeError:     # no posix_fallocate on this system (macOS): no reserve
+                self.reserved_to = 1 << 62
+                return
             size = end
         self.reserved_to = size
 
