@@ -46,6 +46,10 @@ class ArrayDriver(ABC):
     def limits(self) -> SafetyLimits:
         return self._limits
 
+    def narrow_limits(self, limits: SafetyLimits) -> None:
+        """Enforce the strictest of the limits in force and limits from now on (never widens them)."""
+        self._limits = self._limits.intersect(limits)
+
     @property
     @abstractmethod
     def identity(self) -> str:
