@@ -20,7 +20,8 @@ def test_tiny_run_over_the_emulated_tester(tmp_path, link: str) -> None:
     args = ["--rows", "65", "--cols", "36", "--seed", "7"] + (["--pty"] if link == "serial" else [])
     with EmulatorProcess(args) as emu:
         resource = emu.resource if link == "visa" else emu.serial_url
-        cfg = RunConfig().with_overrides(**TINY, **{"driver.kind": link, "driver.resource": resource})
+        cfg = RunConfig().with_overrides(**TINY, **{"driver.kind": link, "driver.resource": resource,
+                                                           "driver.uncalibrated_ok": True})
         s = start_run(cfg, tmp_path / "run")
         with tester.TesterDriver.open(resource) as t:
             applied = t.tester_lifetime_pulses()

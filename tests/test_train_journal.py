@@ -68,7 +68,8 @@ def test_in_flight_program_never_applied_is_settled_as_unapplied(tmp_path: Path)
     run = tmp_path / "run"
     with EmulatorProcess(["--rows", "65", "--cols", "36", "--seed", "2"]) as emu:
         cfg = RunConfig().with_overrides(**{"data.name": "digits", "network.hidden": [8], "data.train_limit": 100,
-                                            "driver.kind": "visa", "driver.resource": emu.resource})
+                                            "driver.kind": "visa", "driver.resource": emu.resource,
+                                            "driver.uncalibrated_ok": True})
         start_run(cfg, run, stop_after_steps=40)
         meta = json.loads(bytes(np.load(run / "checkpoint.npz")["meta"]).decode())
         pid = meta["next_program_id"]

@@ -76,6 +76,13 @@ def test_config_that_cannot_be_meant_is_refused_before_anything_exists(tmp_path:
     assert "errors.pydantic.dev" not in out
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """(A read-only parent is the same error path; as root, permissions do not bite, so a file stands in the way.)"""
+    (tmp_path / "file").write_text("x")
+    rc, out = _cli("train", "--data", "digits", "--train-limit", "50", "--out", str(tmp_path / "file" / "run"))
+    assert rc == 2 and "error: Not a directory" in out, out
+
+
 def test_config_naming_a_directory(tmp_path: Path) -> None:
     rc, out = _cli("train", "--config", str(tmp_path), "--out", str(tmp_path / "run"))
     assert rc == 2 and "is a directory, not a run config file" in out
@@ -116,7 +123,8 @@ def test_a_tester_narrows_even_opted_in_limits(tmp_path: Path) -> None:
 
     toml = WIDE.replace("[driver.limits", "[driver]\nallow_wider_limits = true\n[driver.limits", 1)
     with EmulatorProcess(["--rows", "65", "--cols", "36"]) as emu:
-        _refused(tmp_path, toml, "safety limit 'set_amplitude_ua' refused the program", "--driver", emu.resource)
+        _refused(tmp_path, toml, "safety limit 'set_amplitude_ua' refused the program", "--driver", emu.resource,
+                 "--set", "driver.uncalibrated_ok=true")
 
 
 def _snapshot(run: Path) -> dict[str, tuple[str, int]]:
@@ -174,6 +182,20 @@ def test_refused_resume_on_a_corrupt_journal_record_changes_nothing(stopped_run:
     assert _snapshot(run) == before
 
 
+def test_refused_resume_on_a_tampered_run_log_changes_nothing(stopped_run: Path, tmp_path: Path) -> None:
+    """The log is evidence: flipped SET counts fail its checksums, and the resume will not append to it."""
+    import h5py
+
+    run = _copy(stopped_run, tmp_path)
+    with h5py.File(run / "run.h5", "r+") as f:
+        counts = f["programs/set_count"]
+        counts[5:25] = counts[5:25] + 1
+    before = _snapshot(run)
+    rc, out = _cli("train", "--resume", str(run))
+    assert rc == 2 and "programs/set_count" in out, out
+    assert _snapshot(run) == before
+
+
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(stopped_run: Path, tmp_path: Path) -> None:
     run = _copy(stopped_run, tmp_path)
     rc, out = _cli("train", "--resume", str(run))
@@ -189,7 +211,8 @@ def _train(args: list[str], **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"), **kw)
 
 
-def test_sigterm_stops_between_steps_and_prints_the_resume_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_between_steps_and_prints_the_resume_command(tmp_path: Path, sig: signal.Signals) -> None:
     cfg = tmp_path / "run.toml"
     cfg.write_text(TINY + "epochs = 400\n[checkpoint]\naudit = true\nevery_steps = 500\n")
     run = tmp_path / "run"
@@ -198,13 +221,13 @@ def test_sigterm_stops_between_steps_and_prints_the_resume_command(tmp_path: Pat
     while not (run / "checkpoint.npz").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert proc.returncode == 128 + sig, out
     assert "Traceback" not in out
     assert f"pcm-hil train --resume {run}" in out
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stopped_by_signal"] == signal.SIGTERM and not summary["finished"]
+    assert summary["stopped_by_signal"] == sig and not summary["finished"]
     assert summary["steps"] % 1 == 0 and 0 < summary["samples_trained"] < 400 * 200
     # The stop left a checkpoint at the stopping step and an empty journal: nothing to roll forward.
     meta = json.loads(bytes(np.load(run / "checkpoint.npz")["meta"]).decode())

@@ -144,7 +144,8 @@ def test_kill9_resume_emulated_tester_pulse_counts_match(tmp_path: Path) -> None
     cfg.write_text(CONFIG)
     run = tmp_path / "run"
     with EmulatorProcess(["--rows", "65", "--cols", "52", "--seed", "3"]) as emu:
-        killed = _run_with_kills(["--config", str(cfg), "--out", str(run), "--driver", emu.resource],
+        killed = _run_with_kills(["--config", str(cfg), "--out", str(run), "--driver", emu.resource,
+                                  "--set", "driver.uncalibrated_ok=true"],
                                  ["--resume", str(run), "--driver", emu.resource], run, kills=3, seed=12)
         assert killed >= 1
         per_device = _check_accounting(run, 65 * 52)
