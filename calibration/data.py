@@ -22,6 +22,8 @@ REASON_NOISE = "calibration-noise"
 #: Root attribute of the run log that holds the plan (JSON); its presence marks a calibration log.
 PLAN_ATTR = "calibration_plan"
 T_PROG_ATTR = "calibration_drift_t_prog_s"
+#: Root attribute: why the drift experiment of the requested plan was skipped (absent when it was not).
+DRIFT_SKIPPED_ATTR = "calibration_drift_skipped"
 ADDRESSES_ARRAY = "calibration/addresses"
 LEVELS_ARRAY = "calibration/drift_levels"
 

@@ -9,8 +9,7 @@ device's remaining pulse budget; nothing is sent when it does not fit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -26,6 +25,7 @@ from drivers.program import PulseProgram, PulseShape, PulseShapes
 from .data import (ADDRESSES_ARRAY, LEVELS_ARRAY, MIN_DEVICES, PLAN_ATTR, REASON_DRIFT, REASON_NOISE, REASON_PULSE,
                    T_PROG_ATTR, CalibrationData, CharacterizationPlan, DriftData, NoiseData, PulseData)
 from .errors import CalibrationError, InsufficientData
+from .progress import Reporter, as_reporter
 
 Wait = Callable[[float], None]
 
@@ -108,24 +108,46 @@ def wait_for(driver: ArrayDriver) -> Wait:
     return time.sleep
 
 
-def check_clock_follows_wait(driver: ArrayDriver, wait: Wait, probe_s: float = 0.2) -> None:
-    """Refuse a drift experiment when wait(s) does not move the driver's clock (e.g. an emulated tester,
-    whose simulated clock stands still while the host sleeps): its reads would all come at once."""
+def clock_stands_still(driver: ArrayDriver, wait: Wait, probe_s: float = 0.2) -> str | None:
+    """Why drift cannot be measured on this driver (wait(s) does not move its clock), or None when it can.
+
+    An emulated tester keeps simulated time that only its operations advance, and the tester protocol
+    has no command to advance it: the host can sleep, but every drift read would come at once.
+    """
     t = driver.now()
     wait(probe_s)
     moved = driver.now() - t
-    if moved < 0.5 * probe_s:
-        raise CalibrationError(f"waiting {probe_s} s moved {driver.identity!r}'s clock by only {moved:.3g} s: drift "
-                               "cannot be measured on this driver (an emulated tester keeps simulated time); run "
-                               "without the drift experiment (--no-drift)")
+    if moved >= 0.5 * probe_s:
+        return None
+    return (f"the clock of {driver.identity!r} moved {moved:.3g} s while the host waited {probe_s:g} s (an emulated "
+            "tester keeps simulated time that only its operations advance, and nothing can advance it)")
+
+
+def check_clock_follows_wait(driver: ArrayDriver, wait: Wait, probe_s: float = 0.2) -> None:
+    """Refuse a drift experiment when wait(s) does not move the driver's clock: its reads would all come at once."""
+    why = clock_stands_still(driver, wait, probe_s)
+    if why is not None:
+        raise CalibrationError(f"{why}: drift cannot be measured on this driver; run without the drift experiment "
+                               "(--no-drift)")
+
+
+def runnable_plan(driver: ArrayDriver, plan: CharacterizationPlan,
+                  wait: Wait | None = None) -> tuple[CharacterizationPlan, str | None]:
+    """The plan this driver can run: without drift, and why, where waiting does not move its clock."""
+    if not plan.drift:
+        return plan, None
+    why = clock_stands_still(driver, wait if wait is not None else wait_for(driver))
+    if why is None:
+        return plan, None
+    return plan.model_copy(update={"drift": False}), f"drift experiment skipped: {why}"
 
 
 class _Session:
     """The driver the experiments talk to, its read log, program ids and progress."""
 
-    def __init__(self, driver: ArrayDriver, progress: Progress | None) -> None:
+    def __init__(self, driver: ArrayDriver, progress: Reporter) -> None:
         self.driver = driver
-        self.progress = progress
+        self.task = progress.task
         self.step = 0
         last = driver.last_program_id()
         self.next_id = (last or 0) + 1
@@ -162,32 +184,27 @@ class _Session:
             remaining -= take
             first = False
 
-    @contextmanager
-    def task(self, description: str, total: int) -> Iterator[Callable[[], None]]:
-        if self.progress is None:
-            yield lambda: None
-            return
-        tid = self.progress.add_task(description, total=total)
-        try:
-            yield lambda: self.progress.advance(tid)
-        finally:
-            self.progress.update(tid, completed=total)
-
 
 def run_characterization(driver: ArrayDriver, addresses: npt.ArrayLike, plan: CharacterizationPlan, *,
-                         writer=None, wait: Wait | None = None, progress: Progress | None = None,
+                         writer=None, wait: Wait | None = None, progress: Reporter | Progress | None = None,
                          check_clock: bool = True) -> CalibrationData:
     """Run pulse response (per SET shape), read noise and drift on addresses; return what was read.
 
     writer: a drivers.runlog.RunLogWriter; every read and program goes to it through LoggedDriver.
     wait(seconds) lets time pass between drift reads (default: wait_for(driver)); check_clock=False skips
-    the check that it moves the driver's clock (benchmarks that time the reads only).
+    the check that it moves the driver's clock (benchmarks that time the reads only, and callers that
+    checked it already). progress: a calibration.progress Reporter or a started rich Progress.
     """
     addr = driver.geometry.check_addresses(addresses)
     check_feasible(driver, plan, addr)
+    wait = wait if wait is not None else wait_for(driver)
+    # Before anything is written or sent: a refused drift experiment leaves no log behind.
+    if plan.drift and check_clock:
+        check_clock_follows_wait(driver, wait)
+    reporter = as_reporter(progress)
     if writer is not None:
         from drivers.logged import LoggedDriver
-        session = _Session(LoggedDriver(driver, writer), progress)
+        session = _Session(LoggedDriver(driver, writer), reporter)
         writer.set_attrs(**{PLAN_ATTR: plan.model_dump_json(), "calibration_identity": driver.identity,
                             "calibration_started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             "calibration_limits": driver.limits.model_dump_json()})
@@ -195,10 +212,7 @@ def run_characterization(driver: ArrayDriver, addresses: npt.ArrayLike, plan: Ch
         if plan.drift:
             writer.write_array(LEVELS_ARRAY, drift_levels(plan, addr.size))
     else:
-        session = _Session(driver, progress)
-    wait = wait if wait is not None else wait_for(driver)
-    if plan.drift and check_clock:
-        check_clock_follows_wait(driver, wait)
+        session = _Session(driver, reporter)
     pulse: list[PulseData] = []
     noise: NoiseData | None = None
     for i, shape in enumerate(plan.set_shapes):

@@ -25,6 +25,7 @@ from sim import PCMArray, PCMParams
 
 from .data import MIN_DEVICES, MIN_PULSES, CalibrationData, DriftData, NoiseData, PulseData
 from .errors import FitDidNotConverge, InsufficientData
+from .progress import NoProgress, Reporter
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -209,7 +210,7 @@ def fit_read_noise(noise: NoiseData, bounds: Bounds) -> ReadNoiseFit:
 
 # ---------------------------------------------------------------------------------------------- RESET
 def fit_reset(noise: NoiseData, rn: ReadNoiseFit, bounds: Bounds, warn: Callable[[str], None],
-              bootstrap: int = 40, seed: int = 0) -> tuple[Estimate, Estimate]:
+              bootstrap: int = 40, seed: int = 0, progress: Reporter | None = None) -> tuple[Estimate, Estimate]:
     """RESET distribution (uS) from repeated reads after RESET, read-noise variance taken off.
 
     Device means when no read sits at the lower bound; a normal censored at the bound (Tobit, on the
@@ -230,7 +231,13 @@ def fit_reset(noise: NoiseData, rn: ReadNoiseFit, bounds: Bounds, warn: Callable
              "distribution is fitted as a normal censored there")
         est = _tobit_reset(g, rn, bounds)
         rng = np.random.default_rng(seed)
-        boot = np.array([_tobit_reset(g[:, rng.integers(0, n, n)], rn, bounds) for _ in range(max(bootstrap // 2, 2))])
+        resamples = max(bootstrap // 2, 2)
+        with (progress or NoProgress()).task("fit: RESET distribution (censored, bootstrap)", resamples) as tick:
+            boot_list = []
+            for _ in range(resamples):
+                boot_list.append(_tobit_reset(g[:, rng.integers(0, n, n)], rn, bounds))
+                tick()
+        boot = np.array(boot_list)
         mean, var = est
         se_mean, se_var = (float(x) for x in boot.std(axis=0, ddof=1))
     if var <= 0:
@@ -437,7 +444,8 @@ def _with_increments(base: PCMParams, theta: FloatArray) -> PCMParams:
 
 
 def fit_increments(p: PulseData, rn: ReadNoiseFit, bounds: Bounds, base: PCMParams, warn: Callable[[str], None],
-                   bootstrap: int = 40, seed: int = 0, sim_factor: int = 4, max_iter: int = 10) -> IncrementFit:
+                   bootstrap: int = 40, seed: int = 0, sim_factor: int = 4, max_iter: int = 10,
+                   progress: Reporter | None = None) -> IncrementFit:
     """Fit the SET-increment model (mean, spread, history constant, device factor) with bootstrap errors.
 
     A direct estimator (corrected least squares on unclipped increments) is biased where devices sit at
@@ -453,14 +461,17 @@ def fit_increments(p: PulseData, rn: ReadNoiseFit, bounds: Bounds, base: PCMPara
                                "the reads are saturated; use fewer pulses or a weaker SET pulse")
     n, k = rows.x.shape
     aux = _fit_increments_once(rows, np.ones(n))
+    progress = progress or NoProgress()
     rng = np.random.default_rng(seed)
     boot = []
-    for _ in range(bootstrap):
-        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
-        try:
-            boot.append(_fit_increments_once(rows, w, aux))
-        except FitDidNotConverge:
-            boot.append(np.full(8, np.nan))
+    with progress.task("fit: SET increments (bootstrap)", bootstrap) as tick:
+        for _ in range(bootstrap):
+            w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+            try:
+                boot.append(_fit_increments_once(rows, w, aux))
+            except FitDidNotConverge:
+                boot.append(np.full(8, np.nan))
+            tick()
     b = np.array(boot)
     failed = float(np.isnan(b).any(axis=1).mean()) if bootstrap else 0.0
     if failed > 0.1:
@@ -468,20 +479,23 @@ def fit_increments(p: PulseData, rn: ReadNoiseFit, bounds: Bounds, base: PCMPara
     se_aux = np.nanstd(b, axis=0, ddof=1) if bootstrap > 1 else np.abs(aux) * 0.05
     n_sim = max(sim_factor * n, 20_000)
     theta = aux.copy()
-    for it in range(max_iter):
-        sim_rows = _rows(simulate_pulse_response(_with_increments(base, theta), n_sim, k, seed + 1), rn, bounds)
-        step = aux - _fit_increments_once(sim_rows, np.ones(n_sim), theta)
-        theta = theta + step
-        # The device-factor variance cannot go below 0; there the simulation already shows more spread.
-        at_zero = theta[7] <= 0
-        theta[7] = max(theta[7], 0.0)
-        settled = np.abs(step) <= 0.1 * se_aux
-        settled[7] |= at_zero
-        if np.all(settled):
-            break
-    else:
-        raise FitDidNotConverge("SET-increment", f"the bias correction did not settle in {max_iter} steps (last step "
-                                f"{np.array2string(step, precision=3)})")
+    # Total: the most steps it may take; it usually settles sooner, and then the bar completes.
+    with progress.task(f"fit: SET increments (bias correction, {n_sim:,} simulated devices)", max_iter) as tick:
+        for _ in range(max_iter):
+            sim_rows = _rows(simulate_pulse_response(_with_increments(base, theta), n_sim, k, seed + 1), rn, bounds)
+            step = aux - _fit_increments_once(sim_rows, np.ones(n_sim), theta)
+            theta = theta + step
+            # The device-factor variance cannot go below 0; there the simulation already shows more spread.
+            at_zero = theta[7] <= 0
+            theta[7] = max(theta[7], 0.0)
+            settled = np.abs(step) <= 0.1 * se_aux
+            settled[7] |= at_zero
+            tick()
+            if np.all(settled):
+                break
+        else:
+            raise FitDidNotConverge("SET-increment", f"the bias correction did not settle in {max_iter} steps (last "
+                                    f"step {np.array2string(step, precision=3)})")
     # The simulated estimate adds its own sampling error, n / n_sim of the measured one's variance.
     se = se_aux * math.sqrt(1.0 + n / n_sim)
     d2d_var, d2d_var_se = float(theta[7]), float(se[7])
@@ -530,7 +544,7 @@ def _fit_drift_once(y: FloatArray, tau: FloatArray, wdev: FloatArray, q2: FloatA
 
 
 def fit_drift(d: DriftData, rn: ReadNoiseFit, bounds: Bounds, warn: Callable[[str], None],
-              bootstrap: int = 40, seed: int = 0) -> DriftFit:
+              bootstrap: int = 40, seed: int = 0, progress: Reporter | None = None) -> DriftFit:
     """Fit the drift onset t0 (s) and the distribution of the drift exponent nu over devices."""
     tau = d.t_s - d.t_prog_s
     if tau.size < 6 or np.any(tau <= 0) or np.any(np.diff(tau) <= 0):
@@ -550,12 +564,14 @@ def fit_drift(d: DriftData, rn: ReadNoiseFit, bounds: Bounds, warn: Callable[[st
     rng = np.random.default_rng(seed)
     m = y.shape[1]
     boot = []
-    for _ in range(bootstrap):
-        cnt = np.bincount(rng.integers(0, m, m), minlength=m).astype(np.float64)
-        try:
-            boot.append(_fit_drift_once(y, tau, wdev, q2, cnt))
-        except FitDidNotConverge:
-            boot.append(np.full(3, np.nan))
+    with (progress or NoProgress()).task("fit: drift (bootstrap)", bootstrap) as tick:
+        for _ in range(bootstrap):
+            cnt = np.bincount(rng.integers(0, m, m), minlength=m).astype(np.float64)
+            try:
+                boot.append(_fit_drift_once(y, tau, wdev, q2, cnt))
+            except FitDidNotConverge:
+                boot.append(np.full(3, np.nan))
+            tick()
     se = np.nanstd(np.array(boot), axis=0, ddof=1) if bootstrap > 1 else np.full(3, np.nan)
     t0, nu_mean, nu_var = est
     if nu_var <= 0:
@@ -580,12 +596,14 @@ def measured_eps(p: PulseData) -> Estimate:
 
 
 def fit_model(data: CalibrationData, *, prior: PCMParams | None = None, bootstrap: int = 40, seed: int = 0,
-              eps_devices: int = 10_000) -> ModelFit:
+              eps_devices: int = 10_000, progress: Reporter | None = None) -> ModelFit:
     """Fit every part of the model to data; PCMParams of the measured chip, eps both ways, warnings.
 
     prior supplies the drift fields when the plan had no drift experiment (listed in not_measured).
+    progress: a calibration.progress Reporter, one task per step that takes time.
     Raises InsufficientData or FitDidNotConverge (never a half-made result).
     """
+    progress = progress or NoProgress()
     from sim.response import granularity_us
 
     check_reads(data)
@@ -602,17 +620,17 @@ def fit_model(data: CalibrationData, *, prior: PCMParams | None = None, bootstra
         warn(f"no read sits at an upper clipping bound; g_max_us is the highest read ({bounds.g_max:.4g} uS), "
              "the true bound is at least that")
     rn = fit_read_noise(data.noise, bounds)
-    reset_mean, reset_std = fit_reset(data.noise, rn, bounds, warn, bootstrap, seed)
+    reset_mean, reset_std = fit_reset(data.noise, rn, bounds, warn, bootstrap, seed, progress)
     prior = prior if prior is not None else PCMParams()
     g_min = min(bounds.g_min, reset_mean.value)
     base = prior.model_validate(prior.model_dump() | dict(
         g_min_us=g_min, g_max_us=bounds.g_max, reset_mean_us=reset_mean.value, reset_std_us=reset_std.value,
         read_noise_rel=rn.rel.value, read_noise_abs_us=rn.abs_us.value))
-    inc = fit_increments(data.pulse[0], rn, bounds, base, warn, bootstrap, seed)
+    inc = fit_increments(data.pulse[0], rn, bounds, base, warn, bootstrap, seed, progress=progress)
     not_measured: list[str] = []
     drift = None
     if data.drift is not None:
-        drift = fit_drift(data.drift, rn, bounds, warn, bootstrap, seed)
+        drift = fit_drift(data.drift, rn, bounds, warn, bootstrap, seed, progress)
         drift_fields = {"drift_t0_s": drift.t0.value, "drift_nu_mean": max(drift.nu_mean.value, 0.0),
                         "drift_nu_std": drift.nu_std.value}
     else:
@@ -635,7 +653,9 @@ def fit_model(data: CalibrationData, *, prior: PCMParams | None = None, bootstra
         raise FitDidNotConverge("model", f"the fitted values do not make a valid PCMParams ({e}); with "
                                 f"{data.n_devices} devices x {k} pulses the model is not pinned down: measure more "
                                 "devices or more pulses") from e
-    eps_model = granularity_us(params, n_pulses=k, n_devices=eps_devices, seed=seed)
+    with progress.task(f"fit: eps of the fitted model ({eps_devices:,} simulated devices)", 1) as tick:
+        eps_model = granularity_us(params, n_pulses=k, n_devices=eps_devices, seed=seed)
+        tick()
     by_shape = [(p.shape.amplitude_ua, p.shape.width_ns, measured_eps(p)) for p in data.pulse]
     return ModelFit(params, bounds, rn, reset_mean, reset_std, inc, drift, eps_model, by_shape[0][2], by_shape,
                     not_measured, notes)

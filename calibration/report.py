@@ -6,6 +6,8 @@ import math
 import os
 import shutil
 import tempfile
+import textwrap
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -13,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
-from .data import CalibrationData
+from .data import DRIFT_SKIPPED_ATTR, CalibrationData
 from .errors import OutputExists
-from .fit import ModelFit, _rows, simulate_pulse_response
+from .fit import DriftFit, ModelFit, _rows, simulate_pulse_response
+from .progress import NoProgress, Reporter
 
 PARAMS_FILE = "pcm.toml"
 PLOTS = ("increments.png", "drift.png", "read_noise.png")
@@ -65,6 +68,7 @@ def calibration_table(fit: ModelFit, data: CalibrationData) -> dict[str, object]
         "g_min_reached": fit.bounds.min_reached,
         "g_max_reached": fit.bounds.max_reached,
         "drift_measured": drift,
+        **({"drift_skipped": str(data.attrs[DRIFT_SKIPPED_ATTR])} if DRIFT_SKIPPED_ATTR in data.attrs else {}),
         "not_measured": fit.not_measured,
         "warnings": fit.warnings,
         "uncertainties": {k: _num(v) for k, v in fit.uncertainties().items()},
@@ -80,16 +84,21 @@ def write_params_toml(path: Path, fit: ModelFit, data: CalibrationData) -> None:
     path.write_bytes(tomli_w.dumps(doc).encode())
 
 
-def write_plots(folder: Path, fit: ModelFit, data: CalibrationData, seed: int = 0) -> None:
+def write_plots(folder: Path, fit: ModelFit, data: CalibrationData, seed: int = 0,
+                progress: Reporter | None = None) -> None:
     """increments.png, drift.png, read_noise.png (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _plot_increments(plt, folder / PLOTS[0], fit, data, seed)
-    _plot_drift(plt, folder / PLOTS[1], fit)
-    _plot_read_noise(plt, folder / PLOTS[2], fit)
+    with (progress or NoProgress()).task("plots", len(PLOTS)) as tick:
+        _plot_increments(plt, folder / PLOTS[0], fit, data, seed)
+        tick()
+        _plot_drift(plt, folder / PLOTS[1], fit, str(data.attrs.get(DRIFT_SKIPPED_ATTR, "")))
+        tick()
+        _plot_read_noise(plt, folder / PLOTS[2], fit)
+        tick()
 
 
 def _binned_increments(rows, m1: float, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,23 +144,57 @@ def _plot_increments(plt, path: Path, fit: ModelFit, data: CalibrationData, seed
     plt.close(fig)
 
 
-def _plot_drift(plt, path: Path, fit: ModelFit) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+@dataclass(frozen=True)
+class DriftCurve:
+    """One drift level: the measured mean read at each read time, and the fitted model's on a fine grid."""
+
+    level: int  # SET pulses from RESET
+    devices: int
+    tau_s: np.ndarray  # read times after programming (T,)
+    measured_us: np.ndarray  # mean read of the level's devices (T,)
+    model_tau_s: np.ndarray  # fine log-spaced grid over the read times, t0 on it
+    model_us: np.ndarray  # mean over the level's devices of g0 (max(tau, t0) / t0) ** -nu, per device fitted
+
+
+def drift_curves(d: DriftFit, points: int = 200) -> list[DriftCurve]:
+    """Measured and fitted mean conductance against time, per drift level (the drift plot's data).
+
+    The model is averaged over the devices (each with its own fitted g0 and nu), like the measured
+    mean, and drawn on a fine grid: at the read times alone the onset at t0 would be a straight chord.
+    """
+    tau = d.tau_s
+    t0 = d.t0.value
+    grid = np.unique(np.r_[np.geomspace(tau[0], tau[-1], points), t0 if tau[0] < t0 < tau[-1] else tau[0]])
+    scale = np.log(np.maximum(grid, t0) / t0)
+    out = []
+    for lv in np.unique(d.levels):
+        sel = d.levels == lv
+        model = (d.g0_us[sel][None, :] * np.exp(-scale[:, None] * d.nu[sel][None, :])).mean(axis=1)
+        out.append(DriftCurve(int(lv), int(sel.sum()), tau, d.reads_us[:, sel].mean(axis=1), grid, model))
+    return out
+
+
+def draw_drift(ax, fit: ModelFit, skipped: str = "") -> None:
+    """The drift plot on a matplotlib Axes: measured points and the fitted curves, per level, and t0."""
     d = fit.drift
     if d is None:
-        ax.text(0.5, 0.5, "no drift experiment", ha="center", va="center", transform=ax.transAxes)
-    else:
-        tau = d.tau_s
-        t0, nu = d.t0.value, d.nu_mean.value
-        for lv in np.unique(d.levels):
-            sel = d.levels == lv
-            (line,) = ax.loglog(tau, d.reads_us[:, sel].mean(axis=1), "o", label=f"{lv} SET pulses (measured)")
-            g0 = float(np.mean(d.g0_us[sel]))
-            ax.loglog(tau, g0 * (np.maximum(tau, t0) / t0) ** (-nu), "-", color=line.get_color())
-        ax.axvline(t0, color="grey", ls=":", label=f"t0 = {t0:.3g} s")
-        ax.set(xlabel="time after programming (s)", ylabel="mean read G (uS)",
-               title=f"Drift: nu = {nu:.4f} +- {fit.drift.nu_std.value:.4f} (device sd)")
-        ax.legend(fontsize=7)
+        text = "no drift experiment" + (f"\n\n{textwrap.fill(skipped, 70)}" if skipped else "")
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_axis_off()
+        return
+    for c in drift_curves(d):
+        (pts,) = ax.loglog(c.tau_s, c.measured_us, "o", label=f"{c.level} SET pulses: measured ({c.devices} devices)")
+        ax.loglog(c.model_tau_s, c.model_us, "-", color=pts.get_color(), label=f"{c.level} SET pulses: fitted model")
+    t0, nu = d.t0, d.nu_mean
+    ax.axvline(t0.value, color="grey", ls=":", label=f"t0 = {t0.value:.3g} +- {t0.se:.2g} s")
+    ax.set(xlabel="time after programming (s)", ylabel="mean read G (uS)",
+           title=f"Drift: nu = {nu.value:.4f} +- {nu.se:.2g}, device sd {d.nu_std.value:.4f}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: never over a curve
+
+
+def _plot_drift(plt, path: Path, fit: ModelFit, skipped: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(6, 4) if fit.drift is None else (8.5, 4))
+    draw_drift(ax, fit, skipped)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -174,7 +217,8 @@ def _plot_read_noise(plt, path: Path, fit: ModelFit) -> None:
     plt.close(fig)
 
 
-def write_result(out: str | Path, fit: ModelFit, data: CalibrationData, *, seed: int = 0) -> Path:
+def write_result(out: str | Path, fit: ModelFit, data: CalibrationData, *, seed: int = 0,
+                 progress: Reporter | None = None) -> Path:
     """Write pcm.toml and the plots into the new folder out (refused if it exists); returns the TOML path.
 
     Written into a temporary folder beside out and renamed at the end: out appears complete or not at all.
@@ -186,7 +230,7 @@ def write_result(out: str | Path, fit: ModelFit, data: CalibrationData, *, seed:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_params_toml(tmp / PARAMS_FILE, fit, data)
-        write_plots(tmp, fit, data, seed)
+        write_plots(tmp, fit, data, seed, progress)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,7 +238,8 @@ def write_result(out: str | Path, fit: ModelFit, data: CalibrationData, *, seed:
     return out / PARAMS_FILE
 
 
-def add_result(folder: str | Path, fit: ModelFit, data: CalibrationData, *, seed: int = 0) -> Path:
+def add_result(folder: str | Path, fit: ModelFit, data: CalibrationData, *, seed: int = 0,
+               progress: Reporter | None = None) -> Path:
     """Write pcm.toml and the plots into an existing folder (the one characterize made), file by file atomically."""
     folder = Path(folder)
     for name in (PARAMS_FILE, *PLOTS):
@@ -203,7 +248,7 @@ def add_result(folder: str | Path, fit: ModelFit, data: CalibrationData, *, seed
     tmp = Path(tempfile.mkdtemp(prefix=".fit.", dir=folder))
     try:
         write_params_toml(tmp / PARAMS_FILE, fit, data)
-        write_plots(tmp, fit, data, seed)
+        write_plots(tmp, fit, data, seed, progress)
         for name in (*PLOTS, PARAMS_FILE):  # the TOML last: its presence means the result is complete
             os.rename(tmp / name, folder / name)
     finally:

@@ -141,3 +141,40 @@ def test_the_log_holds_exactly_what_was_read(tmp_path):
     np.testing.assert_array_equal(live.drift.reads_us, logged.drift.reads_us)
     np.testing.assert_array_equal(live.drift.t_s, logged.drift.t_s)
     assert live.drift.t_prog_s == logged.drift.t_prog_s
+
+
+def test_the_drift_plot_draws_the_fitted_curves_beside_the_measured_points(result):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibration.report import draw_drift, drift_curves
+
+    res, _ = result
+    d = res.fit.drift
+    curves = drift_curves(d)
+    assert [c.level for c in curves] == PLAN.levels()
+    for c in curves:
+        # The fitted model, read off at the measured times, lies on the measured means: the per-device lines
+        # are fitted to these reads, so only read noise averaged over the level's devices separates them
+        # (and the fit in log G, whose mean misses the mean of G by s^2 / 2 in relative terms).
+        at_reads = np.interp(np.log(c.tau_s), np.log(c.model_tau_s), c.model_us)
+        s = res.fit.read_noise.sd(c.measured_us)
+        tol = _z(len(curves) * c.tau_s.size) * s / math.sqrt(c.devices) + 0.5 * s ** 2 / c.measured_us
+        assert np.all(np.abs(at_reads - c.measured_us) <= tol), (at_reads, c.measured_us, tol)
+        # Drawn on a fine grid through t0, where the model bends, not as chords between the reads.
+        assert c.model_tau_s.size > 10 * c.tau_s.size and d.t0.value in c.model_tau_s
+        flat = c.model_tau_s <= d.t0.value
+        assert np.ptp(c.model_us[flat]) == pytest.approx(0.0, abs=1e-9 * c.model_us[0])
+    fig, ax = plt.subplots()
+    try:
+        draw_drift(ax, res.fit)
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    finally:
+        plt.close(fig)
+    for c in curves:
+        fitted = lines[f"{c.level} SET pulses: fitted model"]
+        np.testing.assert_array_equal(fitted.get_ydata(), c.model_us)
+        measured = lines[f"{c.level} SET pulses: measured ({c.devices} devices)"]
+        np.testing.assert_array_equal(measured.get_ydata(), c.measured_us)

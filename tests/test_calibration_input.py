@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 import warnings
 
 import h5py
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from calibration.data import CalibrationData, CharacterizationPlan, NoiseData, PulseData
 from calibration.errors import CalibrationError, FitDidNotConverge, InsufficientData, NotACalibrationLog, OutputExists
-from calibration.experiments import run_characterization
+from calibration.experiments import run_characterization, runnable_plan
 from calibration.fit import CalibrationWarning, fit_model
 from calibration.run import characterize, fit_log
 from drivers.errors import SafetyViolation
@@ -23,6 +24,10 @@ from drivers.safety import Range, SafetyLimits
 from hil.cli import app
 
 SMALL = CharacterizationPlan(n_pulses=10, noise_reads=6, drift_reads=8, drift_span_s=2e3)
+#: A terminal narrower than any message: nothing may depend on the width (rich wraps at it).
+NARROW = {"COLUMNS": "30"}
+#: A folder name longer than any terminal line, with text rich would take for markup.
+AWKWARD = "a-folder-name-that-no-terminal-line-holds-" * 3 + "[bold]chip[/bold] [0.5]"
 
 
 def test_too_few_devices_is_refused_before_any_pulse(tmp_path):
@@ -141,17 +146,27 @@ def test_truncated_calibration_log_is_named(tmp_path):
 
 
 def test_cli_characterize_then_fit(tmp_path):
-    runner = CliRunner()
+    runner = CliRunner(env=NARROW)
     out = tmp_path / "chip"
     r = runner.invoke(app, ["characterize", "--devices", "300", "--pulses", "10", "--out", str(out), "--seed", "1",
                             "--bootstrap", "4", "--drift-span", "2000", "--drift-reads", "8"])
     assert r.exit_code == 0, r.output
-    assert "Cost: 300 devices" in r.output and "eps (fitted model" in r.output
+    assert "Cost: 300 devices" in r.stdout and "eps (fitted model" in r.stdout
+    # Not a terminal: progress is plain lines, all on stderr (stdout holds the results only).
+    for step in ("pulse response 100 uA x 50 ns", "drift over 2000 s", "fit: SET increments (bootstrap)", "plots"):
+        assert f"{step}: started" in r.stderr and f"{step}: done" in r.stderr, r.stderr
+    assert ": started" not in r.stdout and "0:00:0" not in r.output  # no bars (their elapsed-time column)
     for name in ("calibration.h5", "pcm.toml", "increments.png", "drift.png", "read_noise.png"):
         assert (out / name).stat().st_size > 0
     r = runner.invoke(app, ["fit", str(out / "calibration.h5"), "--out", str(tmp_path / "refit"), "--bootstrap", "4",
                             "--seed", "1"])
     assert r.exit_code == 0, r.output
+    assert "eps (fitted model" in r.stdout and ": started (" not in r.stdout
+    lines = r.stderr.splitlines()
+    for step in ("fit: SET increments (bootstrap)", "fit: SET increments (bias correction", "fit: drift (bootstrap)",
+                 "fit: eps of the fitted model", "plots"):
+        assert any(ln.startswith(step) and ": started (" in ln for ln in lines), r.stderr
+    assert r.stderr.count(": started") == r.stderr.count(": done") >= 5
     assert (tmp_path / "refit" / "pcm.toml").read_text().split("[calibration]")[0] == \
         (out / "pcm.toml").read_text().split("[calibration]")[0]
     r = runner.invoke(app, ["fit", str(out / "calibration.h5"), "--out", str(tmp_path / "refit")])
@@ -183,3 +198,88 @@ def test_drift_is_refused_where_waiting_does_not_move_the_clock(tmp_path):
     with pytest.raises(CalibrationError, match="--no-drift"):
         run_characterization(d, np.arange(300), SMALL, wait=lambda s: None)
     assert d.lifetime_pulses.sum() == 0
+    # Refused before the log is written to: no plan in it, so nothing takes it for a calibration.
+    with RunLogWriter(tmp_path / "log.h5") as w, pytest.raises(CalibrationError, match="--no-drift"):
+        run_characterization(d, np.arange(300), SMALL, writer=w, wait=lambda s: None)
+    with pytest.raises(NotACalibrationLog, match="not a calibration log"):
+        fit_log(tmp_path / "log.h5", tmp_path / "o")
+
+
+def test_runnable_plan_drops_drift_where_waiting_does_not_move_the_clock():
+    plan, why = runnable_plan(MockDriver(10, 40), SMALL, wait=lambda s: None)
+    assert plan == SMALL.model_copy(update={"drift": False})
+    assert why.startswith("drift experiment skipped") and "MockDriver" in why
+    assert runnable_plan(MockDriver(10, 40), SMALL) == (SMALL, None)  # simulated time follows advance()
+
+
+def test_characterize_skips_drift_on_the_emulated_tester(tmp_path):
+    """Its clock moves only with its operations, and nothing can advance it: drift is skipped, the rest runs."""
+    from hil.cli_emulator import EmulatorProcess
+
+    out = tmp_path / "chip"
+    with EmulatorProcess(["--rows", "40", "--cols", "50"]) as emu:
+        r = CliRunner(env=NARROW).invoke(app, ["characterize", "--driver", emu.resource, "--devices", "300",
+                                               "--pulses", "10", "--noise-reads", "6", "--bootstrap", "2",
+                                               "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "note: drift experiment skipped: the clock of 'pcm-hil,emulator" in r.stdout
+    # The plan shown before the first pulse is the one that ran.
+    no_drift = SMALL.model_copy(update={"drift": False, "noise_reads": 6})
+    assert "no drift experiment" in r.stdout and "0 s of waiting for drift" in r.stdout
+    from calibration.experiments import cost
+    from drivers.runlog import RunLogReader
+
+    with RunLogReader(out / "calibration.h5") as log:
+        ev = log.read_events()
+        assert set(ev["reason"]) == {"calibration-pulse", "calibration-noise"}
+        assert len(ev["step"]) == cost(no_drift, 300).read_calls
+    toml = tomllib.loads((out / "pcm.toml").read_text())["calibration"]
+    assert toml["drift_measured"] is False and "emulated tester" in toml["drift_skipped"]
+    assert toml["not_measured"] == ["drift_t0_s", "drift_nu_mean", "drift_nu_std"]
+
+
+def test_cli_error_lines_are_whole_and_literal(tmp_path):
+    """One line on stderr, whatever the terminal width; paths neither broken nor read as markup."""
+    out = tmp_path / AWKWARD
+    out.mkdir(parents=True)  # "[/bold]" makes it two folders: still one path rich would read as markup
+    runner = CliRunner(env=NARROW)
+    exists = f"error: {out} exists already; choose a new folder (nothing is overwritten)"
+    for args in (["characterize", "--out", str(out)], ["fit", str(tmp_path / "x.h5"), "--out", str(out)]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and r.stderr.splitlines() == [exists] and r.stdout == "", r.output
+    missing = tmp_path / f"{AWKWARD}.h5"
+    r = runner.invoke(app, ["fit", str(missing), "--out", str(tmp_path / "new")])
+    assert r.exit_code == 1 and r.stderr.splitlines() == [f"error: {missing}: no such file"], r.output
+
+
+def test_cli_bad_input_is_one_line_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pcm]\ng_min_us = -1\n")
+    new = str(tmp_path / "new")
+    cases = {("characterize", "--out", new, "--set-shape", "100"): "error: --set-shape '100': expected AMPLITUDE_UA:WIDTH_NS",
+             ("characterize", "--out", new, "--drift-reads", "2"): "error: bad experiment settings: --drift-reads: ",
+             ("characterize", "--out", new, "--prior", str(tmp_path / "none.toml")): f"error: --prior {tmp_path / 'none.toml'}: ",
+             ("characterize", "--out", new, "--params", str(bad)): f"error: --params {bad} is not a PCM parameter file: ",
+             ("fit", str(tmp_path / "x.h5"), "--out", new, "--prior", str(bad)): f"error: --prior {bad} is not a PCM"}
+    for args, start in cases.items():
+        r = CliRunner(env=NARROW).invoke(app, list(args))
+        lines = r.stderr.splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith(start), (args, r.output)
+        assert "http" not in r.output and r.stdout == "" and not (tmp_path / "new").exists()
+
+
+def test_progress_is_drawn_as_bars_on_a_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from hil import cli_calibration
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli_calibration, "progress_console", Console(file=screen, force_terminal=True, width=60))
+    with cli_calibration._progress() as bar:
+        with bar.task("fit: something slow", 4) as tick:
+            for _ in range(4):
+                tick()
+    assert "fit: something slow" in screen.getvalue() and "4/4" in screen.getvalue()
+    assert "started" not in screen.getvalue()  # the plain lines are for pipes only
