@@ -207,3 +207,40 @@ def test_append_continues_the_checksums(tmp_path):
     with RunLogReader(path) as r:
         assert r.verify() == [] and r.torn_tail == {}
         assert r.counts["read_events"] == 1 + 5 + 6
+
+
+def test_append_cuts_a_checksum_block_to_the_rows_it_keeps(tmp_path):
+    """Device rows whose own block is missing take their event with them; the other columns' blocks that
+    reach into the dropped event are cut and get the CRC of the rows kept."""
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path) as w:
+        for pid in range(1, 4):
+            w.log_program(0, PulseProgram(pid, np.arange(3) + pid, np.full(3, pid), np.zeros(3, bool)))
+            w.flush()
+    names = list(DATASETS)
+    with h5py.File(path, "r+") as f:
+        t = f[CHECKSUMS][:]
+        # The last block of /programs/address never made it ...
+        t = np.delete(t, np.flatnonzero(t["dataset"] == names.index("programs/address"))[-1])
+        # ... and /programs/set_count has one block for programs 2 and 3 (rows 3..8), as a writer that
+        # flushed less often would have left.
+        sc = np.flatnonzero(t["dataset"] == names.index("programs/set_count"))
+        assert t["start"][sc].tolist() == [0, 3, 6]
+        t[sc[1]]["stop"] = 9
+        t[sc[1]]["crc32"] = zlib.crc32(f["programs/set_count"][3:9].tobytes())
+        t = np.delete(t, sc[2])
+        f[CHECKSUMS].resize((len(t),))
+        f[CHECKSUMS][:] = t
+    with RunLogReader(path) as r:
+        assert r.verify() == [] and [p.program_id for _, _, p in r.programs()] == [1, 2]
+    with RunLogWriter(path, append=True) as w:
+        assert w.counts["programs"] == 2 and w.counts["program_devices"] == 6
+        w.log_program(1, PulseProgram(9, np.arange(2), np.ones(2, np.int64), np.zeros(2, bool)))
+    with RunLogReader(path) as r:
+        assert r.verify() == [] and r.torn_tail == {}
+        assert [p.program_id for _, _, p in r.programs()] == [1, 2, 9]
+        assert np.array_equal(r.programs()[1][2].set_counts, [2, 2, 2])
+    with h5py.File(path, "r") as f:                     # the cut block: rows 3..5 with their own CRC
+        t = f[CHECKSUMS][:]
+        sc = t[t["dataset"] == names.index("programs/set_count")]
+        assert [(int(a), int(b)) for a, b in zip(sc["start"], sc["stop"], strict=True)] == [(0, 3), (3, 6), (6, 8)]
