@@ -15,13 +15,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from drivers import ArrayDriver, Block, PulseProgram, PulseShapes, ReadResult
+from sim import PCMParams
 
 from .config import ReadPolicyConfig, RefreshConfig
 from .mapping import Mapping
 from .network import Factors, WeightSource, accumulate, accumulate_rows
+from .response import ResponseEstimator, ResponseLaw, extend_table
 
 #: Kinds of programs, as the journal names them.
-UPDATE, REFRESH, INIT = "update", "refresh", "init"
+UPDATE, REFRESH, INIT, PROBE = "update", "refresh", "init", "probe"
+#: eps = "auto" starts from the probe's gain over this many pulses after RESET: on the model chip about 85% of
+#: update pulses reach devices at most 2 pulses past a RESET (refresh keeps them there).
+PROBE_EARLY_PULSES = 3
+#: eps = "auto" moves (at a checkpoint it asks for) once the measured response is this far from the eps in force.
+FOLLOW_CHANGE = 0.05
 
 
 @dataclass
@@ -103,7 +110,8 @@ class ArrayWeights:
     def __init__(self, driver: ArrayDriver, mapping: Mapping, eps: list[float], lr: float, max_pulses: int,
                  shapes: PulseShapes, mean_response_us: np.ndarray, read_policy: ReadPolicyConfig,
                  refresh: RefreshConfig, reading: Callable[[str], contextlib.AbstractContextManager] | None = None,
-                 on_program: Callable[[ProgramRecord], None] | None = None, first_program_id: int = 1) -> None:
+                 on_program: Callable[[ProgramRecord], None] | None = None, first_program_id: int = 1,
+                 response_law: ResponseLaw | None = None) -> None:
         self.driver = driver
         self.mapping = mapping
         self.eps = [float(e) for e in eps]
@@ -136,6 +144,16 @@ class ArrayWeights:
         # them instead of mapping the program's addresses back to weights (a program from elsewhere, such as
         # the journal on resume, is not this object and takes the reverse mapping).
         self._planned: tuple[PulseProgram, list[LayerPulses]] | None = None
+        # SET pulses each device had since its last RESET, as the host sent them (a function of the programs
+        # alone, so the journal's roll-forward keeps it exact): the pulse-count axis of the response estimates.
+        self.since_reset = np.zeros(mapping.geometry.n_devices, np.int32)
+        law = response_law if response_law is not None else ResponseLaw.from_params(PCMParams())
+        self.response = ResponseEstimator(mapping.layer_of, len(mapping.layers), law,
+                                          driver.limits.max_set_pulses_per_device)
+        # eps = "auto": what the probe measured and the eps it started from (adopt_probe), else None.
+        self.auto: dict | None = None
+        # Audit with an eps that moved: total = chi + eps * net + eps_offset (see set_eps).
+        self.eps_offset: list[np.ndarray] | None = None
 
     # ------------------------------------------------------------------ reads
     def _reason(self, reason: str) -> contextlib.AbstractContextManager:
@@ -185,14 +203,33 @@ class ArrayWeights:
         return p
 
     def send(self, rec: ProgramRecord, read_reason: str | None = "after-program") -> None:
-        """Journal (on_program), apply, account, and read back the programmed devices per the read policy."""
+        """Journal (on_program), apply, account, and read back the programmed devices per the read policy.
+
+        The read-back also feeds the response estimates: G before (host copy) and after, per device.
+        """
         if self.on_program is not None:
             self.on_program(rec)
         self.programs_sent += 1
-        self.driver.apply(rec.program)
+        p = rec.program
+        back = read_reason is not None and self.read_policy.after_program
+        if back:
+            # before account() moves since_reset and the read moves g
+            g0, k = self.g[p.addresses], self.since_reset[p.addresses]
+        self.driver.apply(p)
         self.account(rec)
-        if read_reason is not None and self.read_policy.after_program:
-            self.read(rec.program.addresses, read_reason)
+        if back:
+            r = self.read(p.addresses, read_reason)
+            if p.reset_pulses == 0:
+                if rec.kind != PROBE:
+                    self.response.add_increments(p.addresses, p.set_counts, k, g0, r.conductances_us)
+            else:
+                self._sample_from_reset(p, r.conductances_us)
+
+    def _sample_from_reset(self, p: PulseProgram, g_us: np.ndarray) -> None:
+        """A program with RESETs, read back: its RESET devices sample the from-RESET table (the host's programs
+        RESET all of a program's devices or none; a mixed one's other devices are left out)."""
+        rs = p.reset
+        self.response.add_from_reset(p.set_counts[rs], g_us[rs])
 
     def account(self, rec: ProgramRecord) -> None:
         """Book an applied program: counters, and for an update program chi -= sign * n * eps."""
@@ -201,6 +238,10 @@ class ArrayWeights:
         self.counters.programs_applied += 1
         self.counters.set_pulses += p.set_pulses
         self.counters.reset_pulses += p.reset_pulses
+        if p.reset_pulses:
+            self.since_reset[p.addresses] = np.where(p.reset, 0, self.since_reset[p.addresses]) + p.set_counts
+        else:
+            self.since_reset[p.addresses] += p.set_counts
         if rec.kind == UPDATE:
             self.settle(p)
 
@@ -283,6 +324,97 @@ class ArrayWeights:
                                  np.concatenate([p.reset for p in parts]))
         self.send(ProgramRecord(INIT, prog), read_reason=None)
         self.read(None, "initial")
+        self.response.add_from_reset(prog.set_counts, self.g[prog.addresses])
+
+    # ------------------------------------------------------------------ the measured response (hil/response.py)
+    def probe(self, addresses: np.ndarray, pulses: int) -> np.ndarray:
+        """RESET addresses, then give them `pulses` single SET pulses, reading them all after the RESET and after
+        each pulse (reason "probe"); returns G (uS), shape (pulses + 1, devices). Journaled and logged as programs
+        of kind "probe"."""
+        n = addresses.size
+        out = np.empty((pulses + 1, n))
+        none, ones = np.zeros(n, np.int64), np.ones(n, np.int64)
+        no_reset = np.zeros(n, np.bool_)
+        self.send(ProgramRecord(PROBE, self._new_program(addresses, none, np.ones(n, np.bool_))), read_reason=None)
+        out[0] = self.read(addresses, "probe").conductances_us
+        for j in range(1, pulses + 1):
+            self.send(ProgramRecord(PROBE, self._new_program(addresses, ones, no_reset)), read_reason=None)
+            out[j] = self.read(addresses, "probe").conductances_us
+        for j in range(pulses + 1):
+            self.response.add_from_reset(np.full(n, j), out[j])
+        return out
+
+    def adopt_probe(self, g_us: np.ndarray) -> None:
+        """eps = "auto": start eps and the open-loop table from a probe (probe()'s result, uS).
+
+        eps per layer = the host's eps times the probe's gain over its first PROBE_EARLY_PULSES pulses against
+        the gain the host's law expects of them (most update pulses land within a few pulses of a RESET);
+        the table is the probe's mean G after RESET + n pulses, extended past the probe by extend_table.
+        ValueError if the probed devices did not respond.
+        """
+        k = g_us.shape[0] - 1
+        means = g_us.mean(axis=1)
+        early = min(PROBE_EARLY_PULSES, k)
+        got = float(means[early] - means[0])
+        want = float(self.response.law.mean_response(means[0], 1, early)[-1] - means[0])
+        if not (got > 0 and want > 0):
+            raise ValueError(f"the probe's devices did not gain conductance with SET pulses (mean G {means[0]:.3g} uS "
+                             f"after RESET, {means[-1]:.3g} uS after {k} pulses): check the pulse shapes and the chip")
+        cap = self.response.cap
+        m = min(k, cap)
+        table = np.concatenate([means[:m + 1], extend_table(means, cap - m, self.response.law.g_max_us)])
+        table = np.maximum.accumulate(table)  # open_loop_counts needs a rising table
+        base = [e / lm.beta for e, lm in zip(self.eps, self.mapping.layers, strict=True)]
+        self.auto = {"base_eps_over_beta_us": base, "probe_ratio": got / want, "probe_devices": int(g_us.shape[1]),
+                     "probe_pulses": k, "probe_mean_us": means.tolist(), "table_us": table.tolist()}
+        self.mean_response_us = table
+        self.set_eps([b * lm.beta * got / want for b, lm in zip(base, self.mapping.layers, strict=True)])
+
+    def auto_state(self) -> dict:
+        """What eps = "auto" rests on: the host's eps / beta per layer, the probe's ratio, means and table."""
+        return dict(self.auto or {})
+
+    def set_eps(self, eps: list[float]) -> None:
+        """Take new eps per layer (weight units). chi keeps what was not sent; the audit ledger absorbs the change."""
+        new = [float(e) for e in eps]
+        if self.total_update is not None:
+            if self.eps_offset is None:
+                self.eps_offset = [np.zeros_like(c) for c in self.chi]
+            for off, net, old, e in zip(self.eps_offset, self.net_pulses, self.eps, new, strict=True):
+                off += (old - e) * net
+        self.eps = new
+
+    def proposed_eps(self, min_pulses: int) -> list[float]:
+        """eps = "auto": eps per layer = the host's eps times the read-backs' measured / expected increments, for
+        layers with at least min_pulses SET pulses measured (the others keep theirs)."""
+        assert self.auto is not None
+        out = []
+        for lm, f, e, b in zip(self.mapping.layers, self.response.layer_figures(), self.eps,
+                               self.auto["base_eps_over_beta_us"], strict=True):
+            ok = f["pulses"] >= min_pulses and math.isfinite(f["ratio"]) and f["ratio"] > 0
+            out.append(lm.beta * b * f["ratio"] if ok else e)
+        return out
+
+    def eps_should_follow(self, min_pulses: int) -> bool:
+        """eps = "auto": whether the measured response moved more than FOLLOW_CHANGE from the eps in force."""
+        if self.auto is None:
+            return False
+        return any(abs(p / e - 1.0) > FOLLOW_CHANGE for p, e in zip(self.proposed_eps(min_pulses), self.eps, strict=True))
+
+    def follow_response(self, min_pulses: int) -> bool:
+        """eps = "auto", at a checkpoint boundary only (docs/checkpoint.md): eps takes proposed_eps(); the open-loop
+        table takes the measured mean G after RESET + n pulses where at least min_pulses devices were seen.
+        True if eps changed."""
+        if self.auto is None:
+            return False
+        count, mean = self.response.from_reset_means()
+        base = np.asarray(self.auto["table_us"])
+        self.mean_response_us = np.maximum.accumulate(np.where(count >= min_pulses, mean, base))
+        new = self.proposed_eps(min_pulses)
+        if new == self.eps:
+            return False
+        self.set_eps(new)
+        return True
 
     def pairs_to_refresh(self) -> list[np.ndarray]:
         """Per layer, the weight indices whose G+ or G- (host copy) exceeds the refresh threshold."""

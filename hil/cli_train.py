@@ -81,6 +81,9 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         table.add_row(k, fmt(summary.get(k)))
     for k, v in (summary.get("link") or {}).items():
         table.add_row(f"link {k.replace('_', ' ')}", fmt(v))
+    for i, layer in enumerate((summary.get("response") or {}).get("layers", [])):
+        table.add_row(f"layer {i}: uS per SET pulse", f"{fmt(layer['mean_us'])} measured / {fmt(layer['expected_us'])} "
+                      f"expected ({fmt(layer['ratio'])}x), eps {layer['eps']:.4g}")
     console.print(table)
     console.print(f"run log: {run_dir / 'run.h5'}   summary: {run_dir / 'summary.json'}")
 
@@ -88,6 +91,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 def train_cmd(
     config: Annotated[Optional[Path], typer.Option(help="Run config (TOML); defaults: the paper's MLP on MNIST, mock chip.")] = None,
     driver: Annotated[Optional[str], typer.Option(help="'mock', a VISA resource (TCPIP::host::port::SOCKET, GPIB0::5::INSTR) or a serial URL.")] = None,
+    uncalibrated: Annotated[bool, typer.Option("--uncalibrated", help="Train on a tester with neither driver.params_file nor update.eps = \"auto\" (the host assumes the default model).")] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (overrides the config).")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also train the float64 software network (same init and data order).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="RUN_DIR to create (must not exist); default runs/train-<UTC time>.")] = None,
@@ -145,6 +149,8 @@ def train_cmd(
                 over["data.train_limit"] = train_limit
             if test_limit is not None:
                 over["data.test_limit"] = test_limit
+            if uncalibrated:
+                over["driver.uncalibrated_ok"] = True
             if seed is not None:
                 over["seed"] = seed
             over.update(parse_sets(set_ or []))

@@ -63,6 +63,9 @@ class DriverConfig(_Strict):
     limits: SafetyLimits = Field(default_factory=SafetyLimits, description="Safety limits checked before any I/O; "
                                  "the limits in force are these, the built-in defaults and the tester's (LIM?), "
                                  "whichever is strictest.")
+    uncalibrated_ok: Bool = Field(False, description="Train on a tester with neither driver.params_file nor "
+                                                     "update.eps = \"auto\" (the host then assumes the default model; "
+                                                     "pcm-hil train --uncalibrated sets it).")
     allow_wider_limits: Bool = Field(False, description="Let driver.limits be wider than the built-in defaults "
                                                         "(logged in the run log); never wider than the tester's.")
     shapes: PulseShapes = Field(default_factory=PulseShapes, description="SET and RESET pulse shapes.")
@@ -103,9 +106,10 @@ class UpdateConfig(_Strict):
     lr_decay: float = Field(0.8, gt=0, le=1, description="Learning rate of epoch e (0-based) = lr * lr_decay**e.")
     batch_size: Int = Field(1, ge=1, le=4096)
     epochs: Int = Field(1, ge=1, le=1000)
-    eps: list[Annotated[float, Field(gt=0)]] | None = Field(
+    eps: list[Annotated[float, Field(gt=0)]] | Literal["auto"] | None = Field(
         None, description="Granularity in weight units per layer; default: [calibration].eps_us or the model's "
-                          "granularity (uS per pulse) times beta.")
+                          "granularity (uS per pulse) times beta; \"auto\": measured on the chip (a probe at start, "
+                          "then the read-backs), with the open-loop pulse table (docs/training.md).")
     max_pulses_per_update: Int = Field(8, ge=1, description="Cap on n per weight per step.")
     path: Literal["auto", "fast", "module"] = Field("auto", description="fast: hand-vectorized numpy MLP (batch 1, "
                                                                         "host copy); module: torch modules; auto: fast where possible.")
@@ -128,6 +132,21 @@ class RefreshConfig(_Strict):
     mode: Literal["open-loop", "verify"] = Field("open-loop")
     verify_rounds: Int = Field(3, ge=1, le=20, description="Most program-and-verify rounds (mode=verify).")
     verify_tolerance_us: float = Field(0.5, gt=0, description="Verify stops once |G - target| is within this, uS.")
+
+
+class ResponseConfig(_Strict):
+    """The chip's measured pulse response (hil/response.py): the mismatch warning and the probe of eps = "auto"."""
+
+    tolerance: float = Field(0.25, gt=0, le=10, description="Warn once when the measured response differs from the "
+                                                           "host's by more than this fraction.")
+    check_every_steps: Int = Field(100, ge=1, description="Compare measured and assumed response every N steps "
+                                                          "(and at each checkpoint).")
+    min_pulses: Int = Field(200, ge=1, description="SET pulses (per layer) or devices after RESET measured before "
+                                                   "the figures are judged or followed.")
+    probe_devices: Int = Field(256, ge=2, le=100_000, description="eps = \"auto\": devices of the mapped area "
+                                                                  "probed at start.")
+    probe_pulses: Int = Field(20, ge=4, le=1000, description="eps = \"auto\": SET pulses given one at a time after "
+                                                             "the probe's RESET, each read back.")
 
 
 class LoggingConfig(_Strict):
@@ -157,6 +176,7 @@ class RunConfig(_Strict):
     update: UpdateConfig = Field(default_factory=UpdateConfig)
     read_policy: ReadPolicyConfig = Field(default_factory=ReadPolicyConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    response: ResponseConfig = Field(default_factory=ResponseConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 

@@ -33,6 +33,7 @@ from .journal import read_journal
 from .logs import run_log_file
 from .mapping import Mapping
 from .reconcile import check_ledger, check_program_ids, expected_ledger, journaled_program_ids
+from .response import ResponseLaw
 from .sizing import check_run_fits
 from .trainer import CheckpointError, Trainer, load_checkpoint, restore, roll_forward
 
@@ -55,6 +56,11 @@ class ChipModel:
     granularity_us: float
     calibrated_eps_us: float | None
     mean_response_us: np.ndarray
+
+    @property
+    def law(self) -> ResponseLaw:
+        """The mean SET increment the host assumes (what the read-backs are compared with)."""
+        return ResponseLaw.from_params(self.params)
 
 
 def chip_model(cfg: RunConfig) -> ChipModel:
@@ -97,13 +103,51 @@ def betas(cfg: RunConfig, n_layers: int) -> list[float]:
 
 
 def eps_per_layer(cfg: RunConfig, model: ChipModel, beta: list[float]) -> list[float]:
-    """update.eps, else (calibrated eps_us, else the model's granularity) times beta, per layer."""
-    if cfg.update.eps is not None:
+    """update.eps, else (calibrated eps_us, else the model's granularity) times beta, per layer.
+
+    With update.eps = "auto" this is where eps starts until the probe (probe_response) measured the chip.
+    """
+    if isinstance(cfg.update.eps, list):
         if len(cfg.update.eps) != len(beta):
             raise ConfigError(f"update.eps has {len(cfg.update.eps)} values, the network has {len(beta)} layers")
         return list(cfg.update.eps)
     g = model.calibrated_eps_us if model.calibrated_eps_us is not None else model.granularity_us
     return [g * b for b in beta]
+
+
+def require_calibration(cfg: RunConfig) -> None:
+    """ConfigError for a new run on a tester the host knows nothing about: no driver.params_file, eps not "auto".
+
+    The host would program the default model's response, which no real chip has (docs/training.md).
+    """
+    d = cfg.driver
+    if d.kind == "mock" or d.params_file or cfg.update.eps == "auto" or d.uncalibrated_ok \
+            or getattr(d, "dry_run", False):
+        return
+    raise ConfigError("this chip is not calibrated: the host would assume the default PCM model's pulse response "
+                      "(eps and the open-loop table), which no real chip has. Either characterize it first "
+                      "(pcm-hil characterize --driver RESOURCE --out DIR, then driver.params_file = "
+                      "\"DIR/pcm.toml\"), or measure it during the run (update.eps = \"auto\"), or pass "
+                      "--uncalibrated (driver.uncalibrated_ok = true) to train on the default model anyway")
+
+
+def probe_response(s: Session, cfg: RunConfig) -> None:
+    """update.eps = "auto": RESET a few hundred mapped devices and give them SET pulses one at a time, reading
+    each back (logged like every read, reason "probe"), before the initial programming; eps and the open-loop
+    table then follow the measured response (hil/response.py)."""
+    t = s.trainer
+    aw = t.array
+    assert aw is not None
+    if cfg.update.eps != "auto" or getattr(cfg.driver, "dry_run", False):
+        return
+    r = cfg.response
+    addr = aw.mapping.addresses
+    pick = np.sort(np.random.default_rng([cfg.seed, 7]).choice(addr.size, min(r.probe_devices, addr.size),
+                                                               replace=False))
+    g = aw.probe(addr[pick], r.probe_pulses)
+    aw.adopt_probe(g)
+    if s.writer is not None:
+        s.writer.set_attrs(response_probe_json=json.dumps(aw.auto_state()))
 
 
 def limits_in_force(cfg: RunConfig) -> SafetyLimits:
@@ -226,7 +270,8 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
                                                if cfg.driver.allow_wider_limits else []),
              "warnings_json": json.dumps(run_warnings(cfg, model, beta, eps))}
     aw = ArrayWeights(inner, mapping, eps, cfg.update.lr, cfg.update.max_pulses_per_update, cfg.driver.shapes,
-                      model.mean_response_us, cfg.read_policy, cfg.refresh, first_program_id=first_program_id)
+                      model.mean_response_us, cfg.read_policy, cfg.refresh, first_program_id=first_program_id,
+                      response_law=model.law)
     trainer = Trainer(cfg, data, array=aw, journal_dir=run_dir, logger=None)
     trainer.journal_fsync = journal_fsync(cfg)
     s = Session(trainer, inner, inner, None, cfg, attrs)
@@ -292,6 +337,7 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
     run_dir = Path(run_dir)
     if run_dir.exists():
         raise RunDirError(f"{run_dir} already exists; pass --resume {run_dir} to continue it, or choose another --out")
+    require_calibration(cfg)
     data = _load_data(cfg)
     model = chip_model(cfg)
     sizes = layer_sizes(cfg, data)
@@ -322,6 +368,8 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
                          run_dir, inner.identity, inner.limits.model_dump_json(), t.array.next_program_id,
                          t.journal_fsync)
                 t.start_journal()
+                t.notify = notify
+                probe_response(s, cfg)
                 t.array.initialize(t.w0)
                 t.checkpoint()
                 return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
@@ -446,6 +494,7 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
     try:
         t = s.trainer
         restore(t, meta, arrays)
+        t.notify = notify
         last_applied = None
         if not reapply:
             last_applied = _tester_last_id(inner)

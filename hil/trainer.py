@@ -22,6 +22,7 @@ from .array import UPDATE, ArrayProducts, ArrayWeights, ProgramRecord
 from .config import RunConfig
 from .data import Dataset, epoch_order
 from .journal import Journal, read_journal
+from . import response
 from .network import (AnalogMLP, Factors, HostWeights, StepResult, accumulate, fast_forward, fast_step,
                       init_weights, module_forward, module_step)
 
@@ -70,6 +71,9 @@ class Trainer:
         # A flag whose .signal a SIGTERM / SIGINT handler sets: run() then returns between two steps.
         self.stop_flag: Any = None
         self.journal_fsync = False
+        # Told the warnings of the run (the CLI prints them); the response mismatch is said once.
+        self.notify: Callable[[str], None] | None = None
+        self.response_warned = False
         self.weights = [w.copy() for w in self.w0] if array is None else array.w
         self._pending: Factors | None = None
         self._pending_cols: list[np.ndarray] = []
@@ -219,10 +223,52 @@ class Trainer:
             n = self.array.refresh()
             if n and self.logger is not None:
                 self.logger.log_metrics(s, refreshed_pairs=float(n))
-        if self.journal is not None and s % self.cfg.checkpoint.every_steps == 0:
+        ck = self.journal is not None and s % self.cfg.checkpoint.every_steps == 0
+        if s % self.cfg.response.check_every_steps == 0:
+            self.check_response()
+            # eps = "auto" moves only at a checkpoint: ask for one when the measured response moved
+            ck = ck or (self.journal is not None and self.array.eps_should_follow(self.cfg.response.min_pulses))
+        if ck:
             self.checkpoint()
 
+    # ------------------------------------------------------------------ the measured response (hil/response.py)
+    def check_response(self, force: bool = False) -> None:
+        """Say once (notify, and metrics in the run log) when the chip's measured response is off the host's.
+
+        Judged once a layer has response.min_pulses SET pulses measured (so the one warning has an increment
+        to show beside the from-RESET figure of the initial programming), or when force (an evaluation).
+        """
+        aw = self.array
+        if aw is None or self.response_warned or getattr(self.cfg.driver, "dry_run", False):
+            return
+        r = self.cfg.response
+        if not force and all(f["pulses"] < r.min_pulses for f in aw.response.layer_figures()):
+            return
+        text, figures = response.mismatch(aw, r.tolerance, r.min_pulses)
+        if text is None:
+            return
+        self.response_warned = True
+        if self.notify is not None:
+            self.notify(f"warning: {text}")
+        if self.logger is not None:
+            self.logger.log_metrics(self.at.step, response_mismatch=1.0, **figures)
+
+    def response_summary(self) -> dict[str, Any]:
+        """The measured response per layer, bin and from RESET, and the eps in force (docs/training.md)."""
+        assert self.array is not None
+        return response.summary(self.array, self.cfg.response.tolerance, self.response_warned)
+
+    def _response_at_checkpoint(self) -> None:
+        """eps = "auto" follows the measured response here, and only here: a journal segment then holds records
+        made with one eps, the one its checkpoint keeps, and the roll-forward needs no read (docs/checkpoint.md)."""
+        aw = self.array
+        assert aw is not None
+        self.check_response()
+        if aw.follow_response(self.cfg.response.min_pulses) and self.logger is not None:
+            self.logger.log_metrics(self.at.step, **{f"eps_l{i}": e for i, e in enumerate(aw.eps)})
+
     def _end_epoch(self) -> None:
+        self.check_response(force=True)
         acc = self.evaluate()
         train_acc = self.at.correct / max(self.at.seen, 1)
         row = {"epoch": float(self.at.epoch + 1), "test_accuracy": acc, "train_accuracy": train_acc}
@@ -233,6 +279,8 @@ class Trainer:
         self.metrics.append(row)
         if self.logger is not None:
             self.logger.log_metrics(self.at.step, **row)
+            if self.array is not None:
+                self.logger.log_metrics(self.at.step, **response.layer_metrics(self.array))
         self.at.epoch += 1
         self.at.pos = 0
         self.at.seen = self.at.correct = 0
@@ -249,6 +297,7 @@ class Trainer:
         assert self.array is not None and self.journal_dir is not None
         aw = self.array
         d = self.journal_dir
+        self._response_at_checkpoint()
         if self.logger is not None:
             self.logger.flush()
         self.checkpoint_seq += 1
@@ -262,6 +311,7 @@ class Trainer:
             "counters": aw.counters.as_dict(), "metrics": self.metrics, "journal": new_journal,
             "chip": chip_file, "unapplied_program_ids": self.unapplied_program_ids,
             "tester_last_program_id": aw.last_applied_id,
+            "eps": aw.eps, "response_auto": aw.auto, "response_warned": self.response_warned,
         }
         # What the chip's own lifetime counters must say of the mapped devices (checked at resume).
         arrays = {"g": aw.g, "ledger": np.asarray(aw.driver.lifetime_pulses)[aw.mapping.addresses]}
@@ -270,6 +320,11 @@ class Trainer:
             arrays[f"net{i}"] = aw.net_pulses[i]
             if aw.total_update is not None:
                 arrays[f"total{i}"] = aw.total_update[i]
+            if aw.eps_offset is not None:
+                arrays[f"epsoff{i}"] = aw.eps_offset[i]
+        resp_meta, resp_arrays = aw.response.state()
+        meta["response"] = resp_meta
+        arrays.update(resp_arrays, since_reset=aw.since_reset, mean_response_us=aw.mean_response_us)
         write_atomic(self._ck_path(), npz_bytes(meta, arrays))
         old = self.journal
         if old is not None:
@@ -315,6 +370,7 @@ class Trainer:
             c = self.array.counters
             out.update(programs_applied=c.programs_applied, set_pulses=c.set_pulses, reset_pulses=c.reset_pulses,
                        refreshes=c.refreshes, devices_read=c.devices_read, read_calls=c.read_calls)
+            out["response"] = self.response_summary()
         return out
 
 
@@ -365,6 +421,27 @@ def restore(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray
     trainer.unapplied_program_ids = list(meta.get("unapplied_program_ids", []))
     if "tester_last_program_id" in meta:
         aw.last_applied_id = int(meta["tester_last_program_id"])
+    _restore_response(trainer, meta, arrays)
+
+
+def _restore_response(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """The eps in force, the measured response and the pulse counts since RESET (a checkpoint without them,
+    from before they existed, keeps the session's)."""
+    aw = trainer.array
+    assert aw is not None
+    if "eps" not in meta:
+        return
+    try:
+        aw.eps = [float(e) for e in meta["eps"]]
+        aw.auto = meta.get("response_auto")
+        trainer.response_warned = bool(meta.get("response_warned", False))
+        aw.since_reset[:] = arrays["since_reset"]
+        aw.mean_response_us = np.array(arrays["mean_response_us"], np.float64)
+        aw.response.load(meta["response"], arrays)
+        if aw.total_update is not None and "epsoff0" in arrays:
+            aw.eps_offset = [np.array(arrays[f"epsoff{i}"]) for i in range(len(aw.chi))]
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint's response state does not fit this run: {e}") from None
 
 
 def _journaled_input(arrays: dict[str, np.ndarray], layer: int, fan_in: int) -> np.ndarray:
