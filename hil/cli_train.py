@@ -21,11 +21,15 @@ console = Console()
 
 
 def driver_overrides(driver: str) -> dict[str, Any]:
-    """--driver VALUE as config keys: 'mock', a serial URL / device path, or a VISA resource."""
+    """--driver VALUE as config keys: 'mock', a plugin ('package.module:Class' or a registered name),
+    a serial URL / device path, or a VISA resource."""
+    from drivers.plugins import is_plugin
     from drivers.transport import is_serial_url
 
     if driver == "mock":
         return {"driver.kind": "mock"}
+    if is_plugin(driver):
+        return {"driver.kind": "plugin", "driver.plugin": driver}
     return {"driver.kind": "serial" if is_serial_url(driver) else "visa", "driver.resource": driver}
 
 
@@ -79,18 +83,19 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for k in ("test_accuracy", "baseline_test_accuracy", "epochs", "samples_trained", "train_seconds",
               "us_per_sample", "reads_logged", "programs_applied", "set_pulses", "reset_pulses", "refreshes"):
         table.add_row(k, fmt(summary.get(k)))
-    for k, v in (summary.get("link") or {}).items():
-        table.add_row(f"link {k.replace('_', ' ')}", fmt(v))
     for i, layer in enumerate((summary.get("response") or {}).get("layers", [])):
         table.add_row(f"layer {i}: uS per SET pulse", f"{fmt(layer['mean_us'])} measured / {fmt(layer['expected_us'])} "
                       f"expected ({fmt(layer['ratio'])}x), eps {layer['eps']:.4g}")
+    for k, v in (summary.get("link") or {}).items():
+        table.add_row(f"link {k.replace('_', ' ')}", fmt(v))
     console.print(table)
     console.print(f"run log: {run_dir / 'run.h5'}   summary: {run_dir / 'summary.json'}")
 
 
 def train_cmd(
     config: Annotated[Optional[Path], typer.Option(help="Run config (TOML); defaults: the paper's MLP on MNIST, mock chip.")] = None,
-    driver: Annotated[Optional[str], typer.Option(help="'mock', a VISA resource (TCPIP::host::port::SOCKET, GPIB0::5::INSTR) or a serial URL.")] = None,
+    driver: Annotated[Optional[str], typer.Option(help="'mock', a VISA resource (TCPIP::host::port::SOCKET, GPIB0::5::INSTR), a serial URL, or a driver plugin ('package.module:Class' or a registered name; options in [driver.options]).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and log every program against the limits in force; send no pulse.")] = False,
     uncalibrated: Annotated[bool, typer.Option("--uncalibrated", help="Train on a tester with neither driver.params_file nor update.eps = \"auto\" (the host assumes the default model).")] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (overrides the config).")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also train the float64 software network (same init and data order).")] = False,
@@ -129,9 +134,9 @@ def train_cmd(
             given = None
             if config is not None:
                 given = load_config(config)
-            if epochs is not None or data is not None or train_limit or test_limit or seed is not None or set_:
+            if epochs is not None or data is not None or train_limit or test_limit or seed is not None or set_ or dry_run:
                 raise ConfigError("a resume uses the run's own config.toml; --epochs/--data/--*-limit/--seed/--set "
-                                  "are refused")
+                                  "/--dry-run are refused")
             run_dir = resume
             cfg_total = load_config(resume / "config.toml")
             runner = lambda bar: resume_run(resume, config=given, driver=driver, baseline=baseline,  # noqa: E731
@@ -149,10 +154,12 @@ def train_cmd(
                 over["data.train_limit"] = train_limit
             if test_limit is not None:
                 over["data.test_limit"] = test_limit
-            if uncalibrated:
-                over["driver.uncalibrated_ok"] = True
             if seed is not None:
                 over["seed"] = seed
+            if dry_run:
+                over["driver.dry_run"] = True
+            if uncalibrated:
+                over["driver.uncalibrated_ok"] = True
             over.update(parse_sets(set_ or []))
             if over:
                 cfg = cfg.with_overrides(**over)

@@ -51,10 +51,17 @@ class DataConfig(_Strict):
 
 
 class DriverConfig(_Strict):
-    """Which array to train on. mock: in-process simulated chip; visa / serial: a tester behind a link."""
+    """Which array to train on. mock: in-process simulated chip; visa / serial: a tester behind a link;
+    plugin: a lab's own driver (docs/drivers.md)."""
 
-    kind: Literal["mock", "visa", "serial"] = "mock"
+    kind: Literal["mock", "visa", "serial", "plugin"] = "mock"
     resource: str | None = Field(None, description="VISA resource string (kind=visa) or serial URL (kind=serial).")
+    plugin: str | None = Field(None, description="kind=plugin: 'package.module:Class' or a name registered under "
+                                                 "the pcm_hil.drivers entry point group.")
+    options: dict[str, Any] = Field(default_factory=dict, description="kind=plugin: keyword arguments of the "
+                                                                     "plugin's class or function.")
+    dry_run: Bool = Field(False, description="Validate and log every program against the limits in force, send none "
+                                             "(reads still go to the driver).")
     params_file: str | None = Field(None, description="PCM model parameters (TOML, [pcm] table) of the mock chip; "
                                                       "a [calibration] table's eps_us sets the default eps.")
     seed: Seed = Field(0, description="Seed of the mock chip.")
@@ -72,8 +79,12 @@ class DriverConfig(_Strict):
 
     @model_validator(mode="after")
     def _resource_given(self) -> Self:
-        if self.kind != "mock" and not self.resource:
+        if self.kind in ("visa", "serial") and not self.resource:
             raise ValueError(f"driver.kind = {self.kind!r} needs driver.resource (a VISA resource or serial URL)")
+        if (self.kind == "plugin") != (self.plugin is not None):
+            raise ValueError("driver.plugin names the driver of kind = \"plugin\", and only of it")
+        if self.options and self.kind != "plugin":
+            raise ValueError("driver.options are passed to a plugin driver only (driver.kind = \"plugin\")")
         lim = self.limits
         wider = lim.wider_than(SafetyLimits())
         if wider and not self.allow_wider_limits:
@@ -185,12 +196,13 @@ class RunConfig(_Strict):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def digest(self) -> str:
-        """sha256 of the TOML form without the link settings (driver.resource, driver.timeout_s): a resume
+        """sha256 of the TOML form without the link settings (driver.resource, .timeout_s, .options): a resume
         refuses a run whose config differs, but a tester may come back at another address (its identity
         is checked instead)."""
         data = self.model_dump(mode="json", exclude_none=True)
         data["driver"].pop("resource", None)
         data["driver"].pop("timeout_s", None)
+        data["driver"].pop("options", None)  # a plugin's link settings; its identity is checked instead
         return hashlib.sha256(tomli_w.dumps(data).encode()).hexdigest()
 
     def with_overrides(self, **dotted: Any) -> RunConfig:

@@ -165,12 +165,34 @@ def make_driver(cfg: RunConfig, sizes: list[int], model: ChipModel) -> ArrayDriv
     if d.kind == "mock":
         g = Mapping.required_geometry(sizes, cfg.mapping.row0, cfg.mapping.col0)
         check_run_fits(g.n_devices, n_weights(sizes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip")
-        return MockDriver(g.rows, g.cols, params=model.params, seed=d.seed, limits=limits_in_force(cfg),
+        mock = MockDriver(g.rows, g.cols, params=model.params, seed=d.seed, limits=limits_in_force(cfg),
                           analog_mvm=d.analog_mvm)
-    from drivers.tester import TesterDriver
+        if d.dry_run:
+            from drivers import DryRunDriver
 
-    assert d.resource is not None
-    return TesterDriver.open(d.resource, timeout_s=d.timeout_s, limits=limits_in_force(cfg))
+            return DryRunDriver(mock)
+        return mock
+    if d.kind == "plugin":
+        from drivers.plugins import make_plugin_driver
+
+        assert d.plugin is not None
+        inner: ArrayDriver = make_plugin_driver(d.plugin, d.options)
+        try:
+            # The plugin's own limits, narrowed by the host's: a plugin cannot widen what the config allows.
+            inner.narrow_limits(limits_in_force(cfg))
+        except BaseException:
+            inner.close()
+            raise
+    else:
+        from drivers.tester import TesterDriver
+
+        assert d.resource is not None
+        inner = TesterDriver.open(d.resource, timeout_s=d.timeout_s, limits=limits_in_force(cfg))
+    if d.dry_run:
+        from drivers import DryRunDriver
+
+        return DryRunDriver(inner)
+    return inner
 
 
 def n_weights(sizes: list[int]) -> int:
@@ -456,12 +478,10 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
     cfg = load_config(run_dir / CONFIG_FILE)
     if config is not None and config.digest() != cfg.digest():
         raise CheckpointError(f"the given config differs from {run_dir / CONFIG_FILE}; a run resumes with its own config")
+    if cfg.driver.dry_run:
+        raise CheckpointError(f"{run_dir} is a dry run: it sent no pulse, so there is nothing to resume; run it again")
     if driver is not None:
-        if (driver == "mock") != (cfg.driver.kind == "mock"):
-            raise CheckpointError(f"the run was made on {'the in-process mock chip' if cfg.driver.kind == 'mock' else 'a tester'}; "
-                                  f"--driver {driver} cannot continue it (a run resumes on its own chip)")
-        if driver != "mock":
-            cfg = cfg.with_overrides(**{"driver.resource": driver})
+        cfg = _resume_driver(cfg, driver)
     meta, arrays = load_checkpoint(run_dir)  # before touching anything
     if meta["config_digest"] != cfg.digest():
         raise CheckpointError("the checkpoint was written with another config; resume with the run's own config.toml")
@@ -528,6 +548,21 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
                 raise
     finally:
         s.close()
+
+
+def _resume_driver(cfg: RunConfig, driver: str) -> RunConfig:
+    """The run's config with --driver applied: a tester may come back at another address; nothing else moves."""
+    from drivers.plugins import is_plugin
+
+    kind = cfg.driver.kind
+    given = "mock" if driver == "mock" else "plugin" if is_plugin(driver) else "tester"
+    made = "mock" if kind == "mock" else "plugin" if kind == "plugin" else "tester"
+    what = {"mock": "the in-process mock chip", "plugin": f"the driver plugin {cfg.driver.plugin}",
+            "tester": "a tester"}[made]
+    if given != made or (made == "plugin" and driver != cfg.driver.plugin):
+        raise CheckpointError(f"the run was made on {what}; --driver {driver} cannot continue it "
+                              "(a run resumes on its own chip)")
+    return cfg.with_overrides(**{"driver.resource": driver}) if made == "tester" else cfg
 
 
 def _verify_log(path: Path) -> None:
