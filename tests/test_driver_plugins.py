@@ -109,7 +109,7 @@ def test_serve_puts_the_adapter_behind_the_wire_protocol(plugin_dir: Path) -> No
     server = box["server"]
     try:
         with TesterDriver.open(server.visa_resource, timeout_s=5) as t:
-            assert "Acme,PX-200,SN42" in t.identity and t.geometry.n_devices == 20
+            assert "(Acme;PX-200;SN42)" in t.identity and t.geometry.n_devices == 20  # the served driver, named
             from drivers import PulseProgram
 
             t.apply(PulseProgram(1, np.array([3]), np.array([2]), np.array([True])))
