@@ -11,8 +11,9 @@ sent again.
 from __future__ import annotations
 
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +42,7 @@ class LinkStats:
     resends: int = 0
     retried_queries: int = 0
     retried_errors: int = 0
+    timeouts: int = 0  # replies waited for in vain, a whole timeout each (a closed link is not one)
 
 
 class TesterDriver(ArrayDriver):
@@ -279,10 +281,19 @@ class TesterDriver(ArrayDriver):
                     continue
         raise AssertionError("unreachable")
 
+    @contextmanager
+    def _counting_timeouts(self) -> Iterator[None]:
+        try:
+            yield
+        except DriverTimeout:
+            self.stats.timeouts += 1
+            raise
+
     def _round_trip_text(self, message: bytes, header: str) -> str:
         self.stats.round_trips += 1
         self._transport.write(message)
-        line = self._transport.read_line()
+        with self._counting_timeouts():
+            line = self._transport.read_line()
         if line.startswith(b"!"):
             P.raise_error_reply(line, header)
         try:
@@ -294,31 +305,46 @@ class TesterDriver(ArrayDriver):
         self.stats.round_trips += 1
         t = self._transport
         t.write(message)
-        head = t.read_exact(2)
-        if head[:1] == b"!":
-            P.raise_error_reply(head + t.read_line(), header)
-        if head[:1] != b"#":
-            raise ProtocolError(f"reply to {header} is neither a block nor an error: {head!r}")
-        d = P.block_digits(head[1:2])
-        length = P.block_length(t.read_exact(d), d)
-        payload = t.read_exact(length + 1)
+        with self._counting_timeouts():
+            head = t.read_exact(2)
+            if head[:1] == b"!":
+                P.raise_error_reply(head + t.read_line(), header)
+            if head[:1] != b"#":
+                raise ProtocolError(f"reply to {header} is neither a block nor an error: {head!r}")
+            d = P.block_digits(head[1:2])
+            length = P.block_length(t.read_exact(d), d)
+            payload = t.read_exact(length + 1)
         if payload[-1:] != b"\n":
             raise ProtocolError(f"block reply to {header} is not followed by a newline")
         return payload[:-1]
 
     def _recover(self) -> None:
-        """Reconnect, then read until the echo of a fresh SYNC? token: whatever came before is stale."""
+        """Reconnect, then read until the echo of a fresh SYNC? token: whatever came before is stale.
+
+        A SYNC? refused without running (error 200) is sent again with a new token; the echo of an earlier
+        token only says the newest is still to come.
+        """
         self.stats.reconnects += 1
         t = self._transport
         t.reconnect()
-        token = secrets.token_hex(8)
+        tokens = [secrets.token_hex(8).encode()]
         wait = self._sync_timeout_s if self._sync_timeout_s is not None else 4 * t.timeout_s
-        with t.timeout(wait):
-            t.write(P.encode_message("SYNC?", text=token))
+        with t.timeout(wait), self._counting_timeouts():
+            t.write(P.encode_message("SYNC?", text=tokens[-1].decode()))
             for _ in range(10_000):
-                if t.read_line().rstrip(b"\r\n").endswith(token.encode()):
+                line = t.read_line().rstrip(b"\r\n")
+                if line.endswith(tokens[-1]):
                     return
+                if _is_not_run(line) and len(tokens) <= self._retries:
+                    self.stats.retried_errors += 1
+                    tokens.append(secrets.token_hex(8).encode())
+                    t.write(P.encode_message("SYNC?", text=tokens[-1].decode()))
         raise ProtocolError("SYNC? echo not found among the stale replies")
+
+
+def _is_not_run(line: bytes) -> bool:
+    """True for a failed-query reply whose code says the command did not run (200)."""
+    return any(line.startswith(b"!%d," % code) for code in _NOT_RUN)
 
 
 def _parse_geometry(text: str) -> Geometry:

@@ -7,6 +7,7 @@ answer in time, Disconnected when the link is closed or broke.
 
 from __future__ import annotations
 
+import socket
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -90,16 +91,22 @@ class VisaTransport(Transport):
         except (pv.errors.Error, OSError, ValueError) as e:
             raise Disconnected(f"cannot open {self.resource}: {e}") from e
         self._inst = inst
-        self._widen_recv(inst)
+        self._tune_socket_session(inst)
 
     @staticmethod
-    def _widen_recv(inst: Any) -> None:
-        # pyvisa-py's TCPIP SOCKET session receives 4 KiB per select()+recv(); a 1.6 MB block then
-        # costs ~400 system-call pairs. Its session object exposes the chunk size; other backends
-        # do not, and are left alone.
+    def _tune_socket_session(inst: Any) -> None:
+        """Adjust a pyvisa-py TCPIP SOCKET session (other backends and sessions are left alone)."""
         session = getattr(getattr(inst, "visalib", None), "sessions", {}).get(getattr(inst, "session", None))
-        if session is not None and isinstance(getattr(session, "max_recv_size", None), int):
+        if session is None:
+            return
+        # pyvisa-py receives 4 KiB per select()+recv(); a 1.6 MB block then costs ~400 system-call pairs.
+        if isinstance(getattr(session, "max_recv_size", None), int):
             session.max_recv_size = max(session.max_recv_size, 1 << 20)
+        # pyvisa-py takes recv()'s b"" (the peer closed the connection) for "nothing yet" and polls until
+        # its timeout: a tester that dropped the link would cost a whole timeout per fault.
+        sock = getattr(session, "interface", None)
+        if isinstance(sock, socket.socket):
+            session.interface = _PeerCloseAware(sock)
 
     @staticmethod
     def _ms(seconds: float) -> int:
@@ -166,6 +173,31 @@ class VisaTransport(Transport):
             self._rm.close()
         except Exception:
             pass
+
+
+class _PeerCloseAware:
+    """A socket whose recv() raises ConnectionResetError at end of stream instead of returning b"".
+
+    pyvisa-py calls recv() only once select() says the socket is readable, so an empty read there is
+    the peer's close, never a lull; raising turns it into Disconnected at once.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = self._sock.recv(bufsize, flags)
+        if not data and bufsize > 0:
+            raise ConnectionResetError("the tester closed the connection")
+        return data
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 # ---------------------------------------------------------------------------- serial

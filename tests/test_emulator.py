@@ -355,3 +355,60 @@ def test_last_program_id_through_corrupted_replies_is_always_the_truth(seed):
     finally:
         server.stop()
         thread.join(10)
+
+
+# ---------------------------------------------------------------------------- a closed link costs no timeout
+def _one_shot_server(reply: bytes) -> tuple[socket.socket, threading.Thread]:
+    """Accept one connection, read one message, send reply (maybe b''), then close the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 << 16)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize("reply", [b"", b"half a li", b"#3100abc"], ids=["nothing", "half-line", "half-block"])
+def test_a_tester_closing_the_link_is_disconnected_not_a_timeout(reply):
+    """pyvisa-py polls an end of stream until its timeout; the transport must say Disconnected at once."""
+    from drivers import Disconnected
+    from drivers.transport import VisaTransport
+
+    listener, thread = _one_shot_server(reply)
+    with listener:
+        t = VisaTransport(f"TCPIP::127.0.0.1::{listener.getsockname()[1]}::SOCKET", timeout_s=30)
+        try:
+            t.write(b"READ:ALL?\n" if reply.startswith(b"#") else b"*IDN?\n")
+            with pytest.raises(Disconnected, match="closed the connection"):
+                t.read_exact(100) if reply.startswith(b"#") else t.read_line()
+        finally:
+            t.close()
+        thread.join(10)
+
+
+def test_lost_and_dropped_links_are_recovered_without_waiting_a_timeout():
+    emulator = Emulator(MockDriver(4, 4, seed=SEED))
+    server = Server(emulator, Endpoint("tcp", "127.0.0.1", 0))
+    server.bind()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Driver.open(server.visa_resource, timeout_s=30, retries=20) as drv:
+            emulator.set_faults(FaultPlan(lose=0.1, drop=0.1, error=0.1, seed=4))
+            for prog in _program_stream(100, 16, 5):
+                drv.apply(prog)
+                drv.read(prog.addresses)
+            emulator.set_faults(FaultPlan())
+            assert drv.last_program_id() == 100
+            assert np.array_equal(drv.tester_lifetime_pulses(), drv.lifetime_pulses)
+            s = drv.stats
+        assert s.reconnects > 10 and s.resends > 0 and s.retried_errors > 0
+        assert s.timeouts == 0  # each closed link was noticed at once, not after the 30 s timeout
+    finally:
+        server.stop()
+        thread.join(10)

@@ -397,3 +397,27 @@ def test_limits_that_do_not_overlap_refuse_the_connection(mocker):
     with pytest.raises(SafetyViolation, match="do not overlap"):
         Driver(s.t, limits=SafetyLimits(set_amplitude_ua=Range(min=500, max=600)))
     assert s.t.close.called
+
+
+def test_a_sync_refused_with_200_is_sent_again_with_a_new_token(script):
+    """Without this, recovery waited its whole sync timeout for an echo that could never come."""
+    drv = connect(script)
+    req = P.encode_message("READ?", block=P.encode_addresses([1]))
+    script.expect((req, DriverTimeout("lost")))
+    refuse_first = {"n": 0}
+    write = script.t.write.side_effect
+
+    def sync_refused_once(data: bytes) -> None:
+        if data.startswith(b"SYNC? ") and refuse_first["n"] == 0:
+            refuse_first["n"] = 1
+            script.pending = None
+            script.buf += b'!200,"injected fault"\n'
+            return
+        write(data)
+
+    script.t.write.side_effect = sync_refused_once
+    script.expect((req, blk(P.encode_read_reply(1.0, [4.0]))))
+    assert drv.read([1]).conductances_us.tolist() == [4.0]
+    syncs = [w for w in script.writes() if w.startswith(b"SYNC? ")]
+    assert len(syncs) == 2 and syncs[0] != syncs[1] and drv.stats.retried_errors == 1
+    assert drv.stats.timeouts == 1  # the lost reply only, none waiting for the echo

@@ -1,0 +1,324 @@
+"""The emulated tester's brain without any IO: messages in, reply bytes out (sans-IO; fuzzable).
+
+`Emulator` wraps any ArrayDriver (a MockDriver by default) and answers the wire protocol with the shared
+protocol table; it never evaluates what it receives: bad input becomes an error-queue entry (or the
+`!<code>,"<message>"` reply of a failed query). drivers/server.py puts it behind a socket or a pty.
+
+Program ids must increase: every id not greater than the last applied one is refused (102).
+
+Fault injection (seeded, per query, for tests): lose (close the connection on receipt, before the
+command runs), drop (close the connection instead of replying, after the command has run), delay
+(reply after `delay_s`), corrupt (flip one byte of the reply), error (refuse with instrument error
+200 without running the command).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import protocol as P
+from .base import ArrayDriver
+from .emulator_state import DEFAULT_READ_VOLTAGE_V, SavedState, load_state, save_state
+from .errors import AddressError, DriverError, ProgramError, ProtocolError, SafetyViolation
+from .mock import MockDriver
+from .program import PulseShapes
+
+ERROR_QUEUE_LENGTH = 32
+READ_VOLTAGE_RANGE_V = (0.01, 1.0)
+FIRMWARE = "emulator-1"
+#: Host memory one emulated device takes, bytes: the simulated chip (24) and the lifetime ledgers (8), and
+#: a whole-array program or full read in flight (receive buffer, parser, decoded arrays, reply); a
+#: 2,000,000-device emulator peaked at 67 bytes per device above its base.
+BYTES_PER_DEVICE = 96
+#: Most devices an emulated array may have: a program touching every device must fit one block.
+MAX_DEVICES = (P.MAX_BLOCK_BYTES - 64) // 7
+
+
+def check_size(rows: int, cols: int, memory_bytes: int | None = None) -> None:
+    """Raise ValueError, before anything is allocated, if a rows x cols emulator cannot be served: more devices
+    than one block can program, or more memory (BYTES_PER_DEVICE each) than this machine has (memory_bytes;
+    default: physical memory, where the system reports it)."""
+    n = rows * cols
+    if n > MAX_DEVICES:
+        raise ValueError(f"a {rows} x {cols} array has {n:,} devices; the wire protocol serves at most {MAX_DEVICES:,} "
+                         "(a program touching every device must fit one block)")
+    if memory_bytes is None:
+        memory_bytes = physical_memory_bytes()
+    need = n * BYTES_PER_DEVICE
+    if memory_bytes is not None and need > memory_bytes:
+        raise ValueError(f"a {rows} x {cols} array ({n:,} devices) needs about {need / 1e9:,.1f} GB of memory "
+                         f"({BYTES_PER_DEVICE} bytes per device); this machine has {memory_bytes / 1e9:,.1f} GB")
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+class Fault(enum.Enum):
+    LOSE = "lose"
+    DROP = "drop"
+    DELAY = "delay"
+    CORRUPT = "corrupt"
+    ERROR = "error"
+
+
+class FaultPlan(BaseModel):
+    """Per-query probability of each injected fault, drawn from its own seeded generator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lose: float = Field(0.0, ge=0, le=1, description="Close the link on receipt, before the command runs.")
+    drop: float = Field(0.0, ge=0, le=1, description="Close the link instead of replying (the command ran).")
+    delay: float = Field(0.0, ge=0, le=1, description="Reply only after delay_s (the command ran).")
+    corrupt: float = Field(0.0, ge=0, le=1, description="Flip one byte of the reply (the command ran).")
+    error: float = Field(0.0, ge=0, le=1, description="Refuse with instrument error 200 (the command did not run).")
+    delay_s: float = Field(1.0, ge=0, description="How late a delayed reply comes, s.")
+    seed: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.lose + self.drop + self.delay + self.corrupt + self.error > 0
+
+
+@dataclass
+class Response:
+    """What the IO loop must do after one message."""
+
+    data: bytes | None
+    fault: Fault | None = None
+
+
+class Emulator:
+    """The tester's brain without any IO: messages in, reply bytes out (sans-IO; fuzzable)."""
+
+    def __init__(self, driver: ArrayDriver, *, faults: FaultPlan | None = None, state_path: str | Path | None = None,
+                 serial: str = "0") -> None:
+        self.driver = driver
+        self.faults = faults or FaultPlan()
+        self._fault_rng = np.random.default_rng(self.faults.seed)
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.serial = serial
+        self.errors: list[str] = []
+        self.read_voltage_v = DEFAULT_READ_VOLTAGE_V
+        self.last_program_id: int | None = driver.last_program_id()
+        self.last_shapes = PulseShapes()
+        self.commands_seen = 0
+        if self.state_path is not None and self.state_path.exists():
+            self._restore(load_state(self.state_path))
+        # Largest legitimate block: a program touching every device.
+        self.max_block = 64 + 7 * driver.geometry.n_devices
+
+    def set_faults(self, faults: FaultPlan) -> None:
+        """Change the injected-fault plan (its generator restarts from faults.seed)."""
+        self.faults = faults
+        self._fault_rng = np.random.default_rng(faults.seed)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def identity(self) -> str:
+        return f"pcm-hil,emulator,{self.serial},{FIRMWARE} ({self.driver.identity.replace(',', ';')})"
+
+    # ------------------------------------------------------------------ error queue
+    def push_error(self, code: int, message: str) -> None:
+        if len(self.errors) >= ERROR_QUEUE_LENGTH:
+            self.errors[-1] = P.format_error(P.ErrorCode.QUEUE_OVERFLOW, "Queue overflow")
+            return
+        self.errors.append(P.format_error(code, message))
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, item: P.Message | P.Malformed) -> Response:
+        """Run one message; the reply bytes (None for commands), and an injected fault if drawn."""
+        self.commands_seen += 1
+        if isinstance(item, P.Malformed):
+            self.push_error(P.ErrorCode.COMMAND_ERROR, item.reason)
+            return Response(None)
+        cmd = P.COMMANDS.get(item.header.upper())
+        is_query = item.header.endswith("?")
+        try:
+            if cmd is None:
+                raise _Refused(P.ErrorCode.UNDEFINED_HEADER, f"undefined header {item.header[:64]!r}")
+            self._check_argument(cmd, item)
+            fault = self._draw_fault() if cmd.reply is not P.Reply.NONE else None
+            if fault is Fault.ERROR:
+                raise _Refused(P.ErrorCode.INJECTED_FAULT, "injected fault")
+            if fault is Fault.LOSE:
+                return Response(None, fault)
+            data = self._run(cmd, item)
+        except _Refused as e:
+            if is_query:
+                return Response(P.error_reply(e.code, e.message))
+            self.push_error(e.code, e.message)
+            return Response(None)
+        if data is None:
+            return Response(None)
+        if fault is Fault.CORRUPT:
+            data = self._corrupt(data)
+        return Response(data, fault)
+
+    def _check_argument(self, cmd: P.Command, m: P.Message) -> None:
+        if cmd.arg is P.Arg.NONE and (m.text is not None or m.block is not None):
+            raise _Refused(P.ErrorCode.PARAMETER_NOT_ALLOWED, f"{cmd.header} takes no parameter")
+        if cmd.arg is P.Arg.TEXT and m.text is None:
+            raise _Refused(P.ErrorCode.MISSING_PARAMETER, f"{cmd.header} needs a text parameter")
+        if cmd.arg is P.Arg.BLOCK and m.block is None:
+            raise _Refused(P.ErrorCode.MISSING_PARAMETER, f"{cmd.header} needs a block parameter")
+        if m.block is not None and len(m.block) > self.max_block:
+            raise _Refused(P.ErrorCode.BLOCK_DATA_ERROR, f"block of {len(m.block)} bytes is larger than any "
+                           f"request to this {self.driver.geometry.rows}x{self.driver.geometry.cols} array")
+
+    def _draw_fault(self) -> Fault | None:
+        f = self.faults
+        if not f.any:
+            return None
+        u = self._fault_rng.random()
+        for kind, p in ((Fault.LOSE, f.lose), (Fault.DROP, f.drop), (Fault.DELAY, f.delay), (Fault.CORRUPT, f.corrupt), (Fault.ERROR, f.error)):
+            if u < p:
+                return kind
+            u -= p
+        return None
+
+    def _corrupt(self, data: bytes) -> bytes:
+        b = bytearray(data)
+        i = int(self._fault_rng.integers(len(b)))
+        b[i] ^= int(self._fault_rng.integers(1, 256))
+        return bytes(b)
+
+    def _run(self, cmd: P.Command, m: P.Message) -> bytes | None:
+        h = cmd.header
+        d = self.driver
+        try:
+            if h == "*IDN?":
+                return _line(self.identity)
+            if h == "*RST":
+                self.read_voltage_v = DEFAULT_READ_VOLTAGE_V
+                self.errors.clear()
+                return None
+            if h == "*CLS":
+                self.errors.clear()
+                return None
+            if h == "*OPC?":
+                return b"1\n"
+            if h == "SYST:ERR?":
+                return _line(self.errors.pop(0) if self.errors else P.NO_ERROR)
+            if h == "SYNC?":
+                return self._sync(m.text or "")
+            if h == "GEOM?":
+                return _line(f"{d.geometry.rows},{d.geometry.cols}")
+            if h == "LIM?":
+                return _line(d.limits.model_dump_json())
+            if h == "TIME?":
+                return _line(repr(float(d.now())))
+            if h == "READ:VOLT":
+                self._set_read_voltage(m.text or "")
+                return None
+            if h == "READ:VOLT?":
+                return _line(repr(self.read_voltage_v))
+            if h == "PULS:SHAP?":
+                return _line(self.last_shapes.model_dump_json())
+            if h == "READ?":
+                r = d.read(P.decode_addresses(m.block or b""))
+                return P.encode_block(P.encode_read_reply(r.t_s, r.conductances_us)) + b"\n"
+            if h == "READ:ALL?":
+                r = d.read(None)
+                return P.encode_block(P.encode_read_reply(r.t_s, r.conductances_us)) + b"\n"
+            if h == "PROG:APPL?":
+                return self._apply(m.block or b"")
+            if h == "PROG:LAST?":
+                return _line(str(self.last_program_id or 0))
+            if h == "LIFE?":
+                addr = d.geometry.check_addresses(P.decode_addresses(m.block or b""), unique=False)
+                return P.encode_block(P.encode_counts(d.lifetime_pulses[addr])) + b"\n"
+            if h == "LIFE:ALL?":
+                return P.encode_block(P.encode_counts(d.lifetime_pulses)) + b"\n"
+        except P.BlockError as e:
+            raise _Refused(P.ErrorCode.BLOCK_DATA_ERROR, str(e)) from None
+        except AddressError as e:
+            raise _Refused(P.ErrorCode.DATA_OUT_OF_RANGE, str(e)) from None
+        except SafetyViolation as e:
+            raise _Refused(P.ErrorCode.SAFETY_LIMIT, str(e)) from None
+        except (ProgramError, ProtocolError) as e:
+            raise _Refused(P.ErrorCode.DATA_TYPE_ERROR, str(e)) from None
+        except DriverError as e:
+            raise _Refused(P.ErrorCode.DEVICE_ERROR, str(e)) from None
+        except (ArithmeticError, ValueError, TypeError, IndexError, KeyError) as e:
+            # The array behind the emulator failed on this input: report it and keep serving.
+            raise _Refused(P.ErrorCode.DEVICE_ERROR, f"{type(e).__name__}: {e}") from None
+        raise _Refused(P.ErrorCode.UNDEFINED_HEADER, f"{h} has no handler")  # table and handlers disagree
+
+    def _sync(self, token: str) -> bytes:
+        if not 1 <= len(token) <= 64 or not token.isascii() or not token.isalnum():
+            raise _Refused(P.ErrorCode.DATA_TYPE_ERROR, "SYNC? token must be 1..64 ASCII letters or digits")
+        return _line(token)
+
+    def _set_read_voltage(self, text: str) -> None:
+        try:
+            v = float(text)
+        except ValueError:
+            raise _Refused(P.ErrorCode.DATA_TYPE_ERROR, f"read voltage must be a number, got {text[:32]!r}") from None
+        lo, hi = READ_VOLTAGE_RANGE_V
+        if not lo <= v <= hi:
+            raise _Refused(P.ErrorCode.DATA_OUT_OF_RANGE, f"read voltage {v} V is outside [{lo}, {hi}] V")
+        self.read_voltage_v = v
+
+    def _apply(self, payload: bytes) -> bytes:
+        program = P.decode_program(payload)
+        last = self.last_program_id or 0
+        # Every id not after the last applied one is refused, not only an equal one: a client resending an
+        # older program (a lost journal tail, a second client) would otherwise apply pulses twice.
+        if program.program_id <= last:
+            raise _Refused(P.ErrorCode.ALREADY_APPLIED,
+                           f"program {program.program_id} is not after the last applied program {last}; not applied")
+        self.driver.apply(program)
+        self.last_program_id = program.program_id
+        self.last_shapes = program.shapes
+        # Durable before acknowledged: a crash after this point still answers PROG:LAST? right.
+        try:
+            self.save()
+        except (OSError, DriverError) as e:
+            # The program did run; saying otherwise would invite a second application.
+            self.push_error(P.ErrorCode.DEVICE_ERROR, f"program {program.program_id} applied but not saved: {e}")
+        return _line(str(program.program_id))
+
+    # ------------------------------------------------------------------ state
+    def save(self) -> None:
+        """Write the state file (if any) atomically; only a MockDriver's chip can be saved."""
+        if self.state_path is None:
+            return
+        d = self.driver
+        if not isinstance(d, MockDriver):
+            raise DriverError(f"--state needs a MockDriver, this emulator wraps {type(d).__name__}")
+        save_state(self.state_path, SavedState(d.chip, d.now(), self.last_program_id, np.asarray(d.lifetime_pulses),
+                                           self.read_voltage_v))
+
+    def _restore(self, s: SavedState) -> None:
+        d = self.driver
+        if not isinstance(d, MockDriver):
+            raise DriverError(f"--state needs a MockDriver, this emulator wraps {type(d).__name__}")
+        if s.chip.n_devices != d.geometry.n_devices:
+            raise DriverError(f"state file {self.state_path} holds {s.chip.n_devices} devices, the emulator has "
+                              f"{d.geometry.n_devices}")
+        d.chip = s.chip
+        d._t = max(s.t_s, s.chip.now)  # noqa: SLF001 - same package; the mock's clock resumes where it was saved
+        d._lifetime_pulses[:] = s.lifetime  # noqa: SLF001 - the endurance ledger survives restarts
+        self.last_program_id = s.last_program_id
+        self.read_voltage_v = s.read_voltage_v
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+
+
+def _line(text: str) -> bytes:
+    return text.encode("ascii", "replace") + b"\n"
