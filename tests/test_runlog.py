@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers import PulseProgram, PulseShape, PulseShapes
+from drivers import runlog
 from drivers.runlog import schema as runlog_schema
 from drivers.runlog import SCHEMA_VERSION, RunLogError, RunLogReader, RunLogWriter
 
@@ -225,14 +226,26 @@ def test_truncated_file_gives_a_clear_error(tmp_path, keep):
     path = tmp_path / "run.h5"
     with RunLogWriter(path) as w:
         _fill(w, np.random.default_rng(5), steps=40)
+    with RunLogReader(path) as r:
+        before = r.reads()["conductance_us"], [p.program_id for _, _, p in r.programs()]
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    cut = data[:int(len(data) * keep)]
+    path.write_bytes(cut)
     with pytest.raises(RunLogError, match="truncated|not an HDF5 file|corrupt"):
         with RunLogReader(path) as r:
             r.reads()
             r.programs()
-    with pytest.raises(RunLogError):
-        RunLogWriter(path, append=True)
+    # Append gives the file its recorded length back and lets the checksums decide: it refuses (and
+    # leaves the file as it was), or every row it keeps verifies and is what was logged.
+    try:
+        RunLogWriter(path, append=True).close()
+    except RunLogError:
+        assert path.read_bytes() == cut
+    else:
+        assert "verified" in runlog.verify_log(path)
+        with RunLogReader(path) as r:
+            g, ids = r.reads()["conductance_us"], [p.program_id for _, _, p in r.programs()]
+        assert np.array_equal(g, before[0][:len(g)]) and ids == before[1][:len(ids)]
 
 
 def test_not_hdf5_at_all(tmp_path):

@@ -94,6 +94,27 @@ def _hdf5_library() -> ctypes.CDLL | None:
     return None
 
 
+def open_swmr_read_once(path: Path) -> h5py.File:
+    """Open path for SWMR reading with one attempt per metadata read instead of libhdf5's many.
+
+    A SWMR reader retries a metadata block whose checksum fails (a live writer may be rewriting it),
+    with growing sleeps: on a file whose metadata is gone (zeros) that takes minutes. With no writer
+    alive (the writer lock held) there is nothing to wait for.
+    """
+    lib = _hdf5_library()
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    if lib is not None:
+        lib.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        lib.H5Pset_metadata_read_attempts.restype = ctypes.c_int
+        lib.H5Pset_metadata_read_attempts(fapl.id, 1)
+    try:
+        fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RunLogError(describe_open_error(path, e)) from e
+    return h5py.File(fid)
+
+
 def clear_writer_marks(path: Path) -> None:
     """Clear the superblock's "open for writing" flags a killed writer left (what `h5clear -s` does).
 

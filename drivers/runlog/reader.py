@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from ..program import PulseProgram, PulseShape, PulseShapes
 from .checksums import chain, crc, crcs, load_table
-from .files import check_not_truncated, describe_open_error, open_h5
+from .files import check_not_truncated, describe_open_error, open_h5, open_swmr_read_once
 from .schema import ARRAY_CRC_ATTR, ARRAYS, DATASETS, RunLogError, attr_value, check_schema
 
 #: Problems quoted in one RunLogError message; the rest are counted.
@@ -37,9 +37,11 @@ class RunLogReader:
     It sees the rows flushed when it opened; refresh() brings in the rows flushed since.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, _no_writer: bool = False) -> None:
+        """_no_writer: the caller holds the writer lock, so metadata reads need not wait for a writer."""
         self.path = Path(path)
         self._f: h5py.File | None = None
+        self._no_writer = _no_writer
         self._open()
 
     def _open(self) -> None:
@@ -47,7 +49,9 @@ class RunLogReader:
             raise RunLogError(f"no run log at {self.path}")
         check_not_truncated(self.path)
         try:
-            f = h5py.File(self.path, "r", swmr=True)
+            f = open_swmr_read_once(self.path) if self._no_writer else h5py.File(self.path, "r", swmr=True)
+        except RunLogError:
+            raise
         except (OSError, ValueError, RuntimeError) as e:
             if "superblock version" not in str(e) and "SWMR" not in str(e):
                 raise RunLogError(describe_open_error(self.path, e)) from e

@@ -327,12 +327,12 @@ class RunLogWriter:
     def _check_before_append(self, verify: bool) -> None:
         """Refuse a log that is not schema SCHEMA_VERSION or fails its checksums, before anything in it changes."""
         try:
-            reader = RunLogReader(self.path)
+            reader = RunLogReader(self.path, _no_writer=True)
         except RunLogError as e:
             if "open for writing" not in str(e):
                 raise
             clear_writer_marks(self.path)  # a writer that died before SWMR: we hold the lock, it is gone
-            reader = RunLogReader(self.path)
+            reader = RunLogReader(self.path, _no_writer=True)
         with reader:
             if reader.schema_version != SCHEMA_VERSION:
                 raise RunLogError(f"run log {self.path} is schema version {reader.schema_version} (no checksums); "
