@@ -321,8 +321,10 @@ class TesterDriver(ArrayDriver):
     def _recover(self) -> None:
         """Reconnect, then read until the echo of a fresh SYNC? token: whatever came before is stale.
 
-        A SYNC? refused without running (error 200) is sent again with a new token; the echo of an earlier
-        token only says the newest is still to come.
+        Any other line may be our echo, corrupted, or a SYNC? refused without running (200): each one sends
+        another SYNC? with a new token (at most retries more), so a lost echo costs a round trip instead of
+        the whole sync wait. The tester answers in order, so every stale line and every earlier token's
+        echo comes before the newest token's echo; only that one ends the recovery.
         """
         self.stats.reconnects += 1
         t = self._transport
@@ -335,10 +337,12 @@ class TesterDriver(ArrayDriver):
                 line = t.read_line().rstrip(b"\r\n")
                 if line.endswith(tokens[-1]):
                     return
-                if _is_not_run(line) and len(tokens) <= self._retries:
+                if any(line.endswith(x) for x in tokens[:-1]) or len(tokens) > self._retries:
+                    continue  # an earlier echo: the newest is on its way
+                if _is_not_run(line):
                     self.stats.retried_errors += 1
-                    tokens.append(secrets.token_hex(8).encode())
-                    t.write(P.encode_message("SYNC?", text=tokens[-1].decode()))
+                tokens.append(secrets.token_hex(8).encode())
+                t.write(P.encode_message("SYNC?", text=tokens[-1].decode()))
         raise ProtocolError("SYNC? echo not found among the stale replies")
 
 

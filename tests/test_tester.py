@@ -421,3 +421,23 @@ def test_a_sync_refused_with_200_is_sent_again_with_a_new_token(script):
     syncs = [w for w in script.writes() if w.startswith(b"SYNC? ")]
     assert len(syncs) == 2 and syncs[0] != syncs[1] and drv.stats.retried_errors == 1
     assert drv.stats.timeouts == 1  # the lost reply only, none waiting for the echo
+
+
+def test_a_corrupted_sync_echo_is_followed_by_another_sync_not_a_long_wait(script):
+    drv = connect(script)
+    req = P.encode_message("READ?", block=P.encode_addresses([1]))
+    script.expect((req, DriverTimeout("lost")))
+    write = script.t.write.side_effect
+    seen = {"n": 0}
+
+    def first_echo_corrupted(data: bytes) -> None:
+        write(data)
+        if data.startswith(b"SYNC? ") and seen["n"] == 0:
+            seen["n"] = 1
+            script.buf = script.buf[:-1] + b"\xff\n"  # one flipped byte of the echo
+
+    script.t.write.side_effect = first_echo_corrupted
+    script.expect((req, blk(P.encode_read_reply(1.0, [4.0]))))
+    assert drv.read([1]).conductances_us.tolist() == [4.0]
+    assert sum(w.startswith(b"SYNC? ") for w in script.writes()) == 2
+    assert drv.stats.timeouts == 1  # the lost reply only
