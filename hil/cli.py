@@ -68,7 +68,24 @@ for _module in (cli_emulator, cli_train, cli_calibration):
 
 
 def main() -> None:
-    app()
+    """The pcm-hil command; a usage mistake is one line on stderr (typer's framed panel would wrap a path)."""
+    import sys
+
+    try:
+        rv = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except typer.TyperException as e:  # typer's click exceptions: usage errors, bad parameters, no arguments
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(e.format_message(), err=True)  # type: ignore[attr-defined]
+        else:
+            where = ctx.command_path if ctx is not None else "pcm-hil"
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            typer.echo(f"{where}: error: {message} (see {where} --help)", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

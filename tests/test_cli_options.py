@@ -72,3 +72,18 @@ def test_link_stats_of_a_tester_run(tmp_path: Path) -> None:
         m = lr.metrics()
     logged = m["link_round_trips"]
     assert logged[~np.isnan(logged)][-1] == link["round_trips"]
+
+
+def test_usage_mistakes_are_one_unframed_line() -> None:
+    """typer's own errors (unknown option, bad value) come as one line, whatever the terminal width."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    for args, msg in ((["train", "--nope"], "pcm-hil train: error: No such option: --nope"),
+                      (["emulator", "--rows", "0"], "pcm-hil emulator: error: Invalid value for '--rows'")):
+        r = subprocess.run([sys.executable, "-m", "hil.cli", *args], cwd=root, capture_output=True, text=True,
+                           env=dict(os.environ, COLUMNS="30"), timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith(msg), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "╭" not in r.stderr
