@@ -72,7 +72,7 @@ def main() -> None:
     import sys
 
     try:
-        rv = app(standalone_mode=False)
+        rv = app(standalone_mode=False, prog_name="pcm-hil")
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
