@@ -17,7 +17,8 @@ import tomli_w
 
 from .data import DRIFT_SKIPPED_ATTR, CalibrationData
 from .errors import OutputExists
-from .fit import DriftFit, ModelFit, _rows, simulate_pulse_response
+from .fit import ModelFit, _rows, simulate_pulse_response
+from .fit_results import DriftFit
 from .progress import NoProgress, Reporter
 
 PARAMS_FILE = "pcm.toml"
