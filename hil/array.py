@@ -244,6 +244,10 @@ class ArrayWeights:
             self.since_reset[p.addresses] += p.set_counts
         if rec.kind == UPDATE:
             self.settle(p)
+        elif rec.kind == REFRESH:
+            # A refresh RESETs both devices of each pair (a verify top-up RESETs none): booked per program, so
+            # a resume's roll-forward counts the refreshes of its window as the live run did.
+            self.counters.refreshes += p.reset_pulses // 2
 
     def settle(self, program: PulseProgram) -> None:
         """chi -= sign * n * eps for each weight an update program pulsed (G+: sign +1, G-: sign -1)."""
@@ -449,7 +453,6 @@ class ArrayWeights:
             self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify" if verify else "after-program")
             if verify:
                 self._verify(lm.index, widx, target)
-        self.counters.refreshes += n_pairs
         return n_pairs
 
     def _verify(self, layer: int, widx: np.ndarray, target_w: np.ndarray) -> None:

@@ -507,7 +507,7 @@ def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool
         elif is_last and (last_applied is None or last_applied < prog.program_id):
             unapplied = prog.program_id
             continue
-        # (A refresh cut short is not counted in `refreshes`; its pairs are checked again later.)
+        # (A refresh cut short counts the pairs of its applied programs; the rest are checked again later.)
         aw.account(ProgramRecord(kind, prog))
         applied.append((int(meta["step"]), prog))
     return RollForward(len(records), applied, unapplied)

@@ -113,6 +113,11 @@ def _check_accounting(run_dir: Path, n_devices: int) -> np.ndarray:
         chi, net, total = arrays[f"chi{i}"], arrays[f"net{i}"], arrays[f"total{i}"]
         np.testing.assert_allclose(chi + eps[i] * net, total, rtol=0, atol=1e-9)
     applied, plus, minus = _applied_programs(run_dir, set(summary["unapplied_program_ids"]))
+    # The counters agree with the log, the window a resume rolled forward included: every mapped device was
+    # RESET once by the initial programming, and each refresh RESETs both devices of a pair.
+    resets = sum(int(p.reset.sum()) for p in applied)
+    assert summary["reset_pulses"] == resets
+    assert summary["refreshes"] == (resets - 2 * sum(p.size for p in plus)) // 2
     # Net SET pulses of update programs (no RESET in them) per device pair, from the log.
     per_device = np.zeros(n_devices, np.int64)
     upd = np.zeros(n_devices, np.int64)
