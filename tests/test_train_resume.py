@@ -109,6 +109,10 @@ def _check_accounting(run_dir: Path, n_devices: int) -> np.ndarray:
     assert meta["position"]["step"] == 3 * n_train
     with RunLogReader(run_dir / "run.h5") as r:
         eps = json.loads(r.attrs["eps_per_layer_json"])
+        steps = np.concatenate([r.read_events()["step"], r.program_events()["step"]])
+        order = np.argsort(np.concatenate([r.read_events()["seq"], r.program_events()["seq"]]), kind="stable")
+    # Steps never go backwards in the log, across resumes too (a resume's read belongs to its step).
+    assert (np.diff(steps[order]) >= 0).all()
     for i in range(2):
         chi, net, total = arrays[f"chi{i}"], arrays[f"net{i}"], arrays[f"total{i}"]
         np.testing.assert_allclose(chi + eps[i] * net, total, rtol=0, atol=1e-9)
