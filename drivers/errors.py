@@ -15,6 +15,21 @@ class Disconnected(DriverError, ConnectionError):
     """The link to the instrument is closed or broke."""
 
 
+class LinkLost(Disconnected):
+    """The tester stayed unreachable for the whole reconnect window (or, while connecting, one reconnect).
+
+    Raised instead of retrying further: the caller stops (a training run checkpoints and can be resumed).
+    """
+
+
+class NoAnswer(LinkLost, DriverTimeout):
+    """While connecting, the tester answered nothing: neither the first query nor SYNC? after one reconnect."""
+
+
+class BadResource(DriverError, ValueError):
+    """A resource string that names no tester (malformed VISA resource or serial URL)."""
+
+
 class InstrumentError(DriverError):
     """The instrument reported an error in its error queue (SCPI `SYST:ERR?`)."""
 

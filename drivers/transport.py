@@ -2,21 +2,64 @@
 
 A transport moves bytes and nothing else: write a message, read one line, read exactly n bytes,
 reconnect. Every failure comes out as a driver error: DriverTimeout when the instrument did not
-answer in time, Disconnected when the link is closed or broke.
+answer in time, Disconnected when the link is closed or broke (or could not be opened: a refused
+connection says so), BadResource when the resource string names no tester. Opening is bounded by the
+timeout too (a host that never answers the TCP handshake costs timeout_s, not pyvisa-py's 10 s).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from .errors import Disconnected, DriverTimeout
+from .errors import BadResource, Disconnected, DriverTimeout
 
 #: Longest line a transport reads before it calls the reply malformed (bytes).
 MAX_LINE = 1 << 16
+
+#: What a valid resource looks like, for the message that refuses a malformed one.
+RESOURCE_FORMS = ("TCPIP::host::port::SOCKET, TCPIP::host::INSTR, GPIB0::5::INSTR, ASRL/dev/ttyUSB0::INSTR "
+                  "(VISA), or socket://host:port, /dev/ttyUSB0, COM3 (serial)")
+
+
+def bad_resource(resource: str, why: str) -> BadResource:
+    return BadResource(f"{resource!r} is not a tester resource ({why}); expected one of {RESOURCE_FORMS}")
+
+
+def refused(resource: str, where: str) -> Disconnected:
+    return Disconnected(f"connection refused by {where} ({resource}): nothing listens there; check that the tester "
+                        f"(or pcm-hil emulator) is running and that host and port are right")
+
+
+def check_serial_url(url: str) -> None:
+    """BadResource for a socket:// URL without host:port (pyserial's own message for it is cryptic)."""
+    if url.lower().startswith("socket://"):
+        host, _, port = url[len("socket://"):].split("?", 1)[0].rpartition(":")
+        if not host or not (port.isdigit() and 0 < int(port) < 65536):
+            raise bad_resource(url, "a socket:// URL needs host:port, the port a number in 1..65535")
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's text on one line (some backends' messages span several)."""
+    return " ".join(str(e).split())
+
+
+def check_visa_resource(resource: str) -> None:
+    """BadResource unless pyvisa can parse resource (and a TCPIP SOCKET's port is a port number)."""
+    from pyvisa import rname
+
+    try:
+        parsed = rname.parse_resource_name(resource)
+    except rname.InvalidResourceName as e:
+        raise bad_resource(resource, str(e).removeprefix(f"Could not parse {resource}: ")) from None
+    port = getattr(parsed, "port", None)
+    if port is not None and not (str(port).isdigit() and 0 < int(port) < 65536):
+        raise bad_resource(resource, f"port {port!r} is not a number in 1..65535")
 
 
 class Transport(ABC):
@@ -76,6 +119,7 @@ class VisaTransport(Transport):
         self.timeout_s = float(timeout_s)
         self._kwargs = resource_kwargs
         self.description = f"VISA {resource} ({backend or 'default backend'})"
+        check_visa_resource(resource)
         try:
             self._rm = pyvisa.ResourceManager(backend)
         except (OSError, ValueError, pyvisa.errors.Error) as e:
@@ -87,14 +131,37 @@ class VisaTransport(Transport):
         pv = self._pyvisa
         try:
             inst = self._rm.open_resource(self.resource, read_termination="\n", write_termination="",
-                                          timeout=self._ms(self.timeout_s), **self._kwargs)
-        except (pv.errors.Error, OSError, ValueError) as e:
-            raise Disconnected(f"cannot open {self.resource}: {e}") from e
+                                          timeout=self._ms(self.timeout_s), open_timeout=self._ms(self.timeout_s),
+                                          **self._kwargs)
+        except pv.errors.VisaIOError as e:
+            raise self._unresolved() or Disconnected(f"cannot open {self.resource}: {_one_line(e)}") from e
+        except Exception as e:  # pyvisa-py raises a bare Exception("could not connect: ...") for TCPIP sockets
+            if isinstance(e, ConnectionRefusedError):
+                raise refused(self.resource, "the host") from e
+            raise self._unresolved() or Disconnected(f"cannot open {self.resource}: {_one_line(e)}") from e
+        try:
+            self._tune_socket_session(inst)
+        except BaseException:
+            inst.close()
+            raise
         self._inst = inst
-        self._tune_socket_session(inst)
 
-    @staticmethod
-    def _tune_socket_session(inst: Any) -> None:
+    def _unresolved(self) -> Disconnected | None:
+        """The error for a TCPIP host name that does not resolve (pyvisa-py says 'Bad file descriptor'), else None."""
+        from pyvisa import rname
+
+        try:
+            host = getattr(rname.parse_resource_name(self.resource), "host_address", None)
+            if host:
+                socket.getaddrinfo(host, None)
+        except socket.gaierror as e:
+            return Disconnected(f"cannot open {self.resource}: host {host!r} not found ({e.strerror}); check the "
+                                f"host name or use its IP address")
+        except Exception:
+            pass
+        return None
+
+    def _tune_socket_session(self, inst: Any) -> None:
         """Adjust a pyvisa-py TCPIP SOCKET session (other backends and sessions are left alone)."""
         session = getattr(getattr(inst, "visalib", None), "sessions", {}).get(getattr(inst, "session", None))
         if session is None:
@@ -106,6 +173,16 @@ class VisaTransport(Transport):
         # its timeout: a tester that dropped the link would cost a whole timeout per fault.
         sock = getattr(session, "interface", None)
         if isinstance(sock, socket.socket):
+            # pyvisa-py's non-blocking connect takes "select() says ready" for success, so a refused connection
+            # only showed at the first write, as "Broken pipe". The connect's own result is in SO_ERROR.
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                parsed = getattr(session, "parsed", None)
+                where = f"{getattr(parsed, 'host_address', '?')}:{getattr(parsed, 'port', '?')}"
+                if err == errno.ECONNREFUSED:
+                    raise refused(self.resource, where)
+                raise Disconnected(f"cannot connect to {where} ({self.resource}): {os.strerror(err)}; check the "
+                                   f"host, the port and the network")
             session.interface = _PeerCloseAware(sock)
 
     @staticmethod
@@ -224,6 +301,7 @@ class SerialTransport(Transport):
         self._write_timeout_s = (write_timeout_s if write_timeout_s is not None
                                  else self.timeout_s + 12.0 * (1 << 20) / float(baudrate))
         self.description = f"serial {url}"
+        check_serial_url(url)
         self._port: Any = None
         self._open()
 
@@ -233,7 +311,15 @@ class SerialTransport(Transport):
             self._port = s.serial_for_url(self.url, timeout=self.POLL_S, write_timeout=self._write_timeout_s,
                                           **self._settings)
         except (s.SerialException, OSError, ValueError) as e:
-            raise Disconnected(f"cannot open {self.url}: {e}") from e
+            # pyserial's socket:// wraps the OSError in a SerialException without chaining it; its text says.
+            if isinstance(e.__context__, ConnectionRefusedError) or "Connection refused" in str(e):
+                host = self.url.split("://", 1)[-1]
+                raise refused(self.url, host) from e
+            if "expected a string in the form" in str(e) or "invalid URL" in str(e):
+                raise bad_resource(self.url, str(e).split(": ", 1)[-1]) from e
+            if isinstance(e, ValueError) and not isinstance(e, s.SerialException):
+                raise bad_resource(self.url, str(e)) from e
+            raise Disconnected(f"cannot open {self.url}: {_one_line(e)}") from e
 
     @contextmanager
     def _mapped(self, what: str) -> Iterator[None]:
