@@ -19,6 +19,9 @@ from .safety import SafetyLimits
 
 #: Capability name of a driver that does analog matrix-vector products on a block (mvm / mvm_t).
 MVM = "mvm"
+#: Capability name of a driver whose apply_and_read is one operation that also reports the driver clock as the
+#: program started (so a run log need not ask the clock first): TesterDriver on a tester with PROG:APPL:READ?.
+APPLY_READ = "apply-read"
 
 
 class ArrayDriver(ABC):
@@ -82,6 +85,22 @@ class ArrayDriver(ABC):
         self.check_program(program)
         self._apply_checked(program)
 
+    def apply_and_read(self, program: PulseProgram) -> ReadResult:
+        """apply(program), then read(program.addresses): the conductances (uS) right after the program.
+
+        Every driver has it; one whose link has a combined command (TesterDriver with PROG:APPL:READ?) does
+        both in one round trip, exactly once as apply() is. A refused program sends nothing and reads nothing.
+        """
+        self.check_program(program)
+        return self._apply_and_read_checked(program)[1]
+
+    def _apply_and_read_checked(self, program: PulseProgram) -> tuple[float | None, ReadResult]:
+        """apply_and_read of a program check_program() passed: (the driver clock, s, as the program started when
+        the driver learns it from the same reply, else None; the read-back). Wrappers call it on the driver
+        they wrap; drivers with a combined command override it (and book the ledger with _book_pulses)."""
+        self._apply_checked(program)
+        return None, self.read(program.addresses)
+
     def check_program(self, program: PulseProgram) -> None:
         """Raise the error apply() would raise for program (addresses, safety limits, pulse budget); send nothing."""
         self._check_open()
@@ -96,6 +115,10 @@ class ArrayDriver(ABC):
         Wrappers (LoggedDriver) call this on the driver they wrap, so a program is checked once.
         """
         self._apply(program)
+        self._book_pulses(program)
+
+    def _book_pulses(self, program: PulseProgram) -> None:
+        """Count an applied program's pulses in the endurance ledger."""
         if program is self._checked_program and self._checked_after is not None:
             # The check summed ledger and program already; nothing touched the ledger since.
             self._lifetime_pulses[program.addresses] = self._checked_after

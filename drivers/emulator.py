@@ -4,7 +4,9 @@
 protocol table; it never evaluates what it receives: bad input becomes an error-queue entry (or the
 `!<code>,"<message>"` reply of a failed query). drivers/server.py puts it behind a socket or a pty.
 
-Program ids must increase: every id not greater than the last applied one is refused (102).
+Program ids must increase: every id not greater than the last applied one is refused (102). With a state
+file, each applied program is on disk (drivers/emulator_state.py: appended to the ledger, fsynced) before
+its reply leaves, so PROG:LAST? after a crash of the emulator itself still names every acknowledged program.
 
 Fault injection (seeded, per query, for tests): lose (close the connection on receipt, before the
 command runs), drop (close the connection instead of replying, after the command has run), delay
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import protocol as P
 from .base import ArrayDriver
-from .emulator_state import DEFAULT_READ_VOLTAGE_V, SavedState, load_state, save_state
+from .emulator_state import (DEFAULT_READ_VOLTAGE_V, MIN_SNAPSHOT_LEDGER_BYTES, Ledger, SavedState, encode_record,
+                             ledger_path, load_state, read_records, rng_state, save_state, set_rng_state)
 from .errors import AddressError, DriverError, ProgramError, ProtocolError, SafetyViolation
 from .mock import MockDriver
 from .program import PulseShapes
@@ -32,12 +36,15 @@ from .program import PulseShapes
 ERROR_QUEUE_LENGTH = 32
 READ_VOLTAGE_RANGE_V = (0.01, 1.0)
 FIRMWARE = "emulator-1"
+#: What *OPT? answers: the optional commands (drivers.protocol.OPTIONAL_COMMANDS) this emulator serves.
+OPTIONS = ",".join(P.OPTIONAL_COMMANDS)
 #: Host memory one emulated device takes, bytes: the simulated chip (24) and the lifetime ledgers (8), and
 #: a whole-array program or full read in flight (receive buffer, parser, decoded arrays, reply); a
 #: 2,000,000-device emulator peaked at 67 bytes per device above its base.
 BYTES_PER_DEVICE = 96
 #: Most devices an emulated array may have: a program touching every device must fit one block.
 MAX_DEVICES = (P.MAX_BLOCK_BYTES - 64) // 7
+log = logging.getLogger(__name__)
 
 
 def check_size(rows: int, cols: int, memory_bytes: int | None = None) -> None:
@@ -112,6 +119,15 @@ class Emulator:
         self.last_program_id: int | None = driver.last_program_id()
         self.last_shapes = PulseShapes()
         self.commands_seen = 0
+        #: Queries that drew each injected fault so far, by kind (Fault.value), and queries that drew at all.
+        self.fault_counts = {f.value: 0 for f in Fault}
+        self.queries_drawn = 0
+        # Open once a snapshot exists to append to (restored, or written by save()); until then the first
+        # applied program writes a snapshot instead.
+        self._ledger: Ledger | None = None
+        self._snapshot_bytes = 0
+        #: Programs the last restore re-applied from the ledger on top of the snapshot.
+        self.replayed_programs = 0
         if self.state_path is not None and self.state_path.exists():
             self._restore(load_state(self.state_path))
         # Largest legitimate block: a program touching every device.
@@ -179,12 +195,20 @@ class Emulator:
         f = self.faults
         if not f.any:
             return None
+        self.queries_drawn += 1
         u = self._fault_rng.random()
         for kind, p in ((Fault.LOSE, f.lose), (Fault.DROP, f.drop), (Fault.DELAY, f.delay), (Fault.CORRUPT, f.corrupt), (Fault.ERROR, f.error)):
             if u < p:
+                self.fault_counts[kind.value] += 1
                 return kind
             u -= p
         return None
+
+    def fault_summary(self) -> str:
+        """One line: injected faults per kind out of the queries that drew (delayed replies cost delay_s each)."""
+        kinds = ", ".join(f"{k} {n:,}" for k, n in self.fault_counts.items())
+        return (f"injected faults: {kinds} (of {self.queries_drawn:,} queries; delays of {self.faults.delay_s:g} s: "
+                f"{self.fault_counts[Fault.DELAY.value] * self.faults.delay_s:.1f} s in all)")
 
     def _corrupt(self, data: bytes) -> bytes:
         b = bytearray(data)
@@ -207,6 +231,8 @@ class Emulator:
                 return None
             if h == "*OPC?":
                 return b"1\n"
+            if h == "*OPT?":
+                return _line(OPTIONS)
             if h == "SYST:ERR?":
                 return _line(self.errors.pop(0) if self.errors else P.NO_ERROR)
             if h == "SYNC?":
@@ -232,6 +258,8 @@ class Emulator:
                 return P.encode_block(P.encode_read_reply(r.t_s, r.conductances_us)) + b"\n"
             if h == "PROG:APPL?":
                 return self._apply(m.block or b"")
+            if h == "PROG:APPL:READ?":
+                return self._apply(m.block or b"", read_back=True)
             if h == "PROG:LAST?":
                 return _line(str(self.last_program_id or 0))
             if h == "LIFE?":
@@ -269,7 +297,8 @@ class Emulator:
             raise _Refused(P.ErrorCode.DATA_OUT_OF_RANGE, f"read voltage {v} V is outside [{lo}, {hi}] V")
         self.read_voltage_v = v
 
-    def _apply(self, payload: bytes) -> bytes:
+    def _apply(self, payload: bytes, read_back: bool = False) -> bytes:
+        """PROG:APPL? (the id as text) or, with read_back, PROG:APPL:READ? (one block: id, clock, read-back)."""
         program = P.decode_program(payload)
         last = self.last_program_id or 0
         # Every id not after the last applied one is refused, not only an equal one: a client resending an
@@ -277,27 +306,61 @@ class Emulator:
         if program.program_id <= last:
             raise _Refused(P.ErrorCode.ALREADY_APPLIED,
                            f"program {program.program_id} is not after the last applied program {last}; not applied")
-        self.driver.apply(program)
+        d = self.driver
+        t_s = d.now()
+        # What re-applying this program after a crash needs besides the program: reads since the last program
+        # moved the clock and drew read noise, and nothing else records that.
+        rng = rng_state(d.chip) if self.state_path is not None and isinstance(d, MockDriver) else None
+        d.apply(program)
         self.last_program_id = program.program_id
         self.last_shapes = program.shapes
         # Durable before acknowledged: a crash after this point still answers PROG:LAST? right.
         try:
-            self.save()
+            self._persist(payload, t_s, rng, read_back)
         except (OSError, DriverError) as e:
             # The program did run; saying otherwise would invite a second application.
             self.push_error(P.ErrorCode.DEVICE_ERROR, f"program {program.program_id} applied but not saved: {e}")
-        return _line(str(program.program_id))
+        if not read_back:
+            return _line(str(program.program_id))
+        r = d.read(program.addresses)
+        reply = P.encode_apply_read_reply(program.program_id, t_s, r.t_s, r.conductances_us)
+        return P.encode_block(reply) + b"\n"
+
+    def _persist(self, payload: bytes, t_s: float, rng: dict | None, read_back: bool) -> None:
+        """Append the applied program to the ledger (fsynced), or snapshot when there is none or it has grown."""
+        if self.state_path is None:
+            return
+        if self._ledger is None or rng is None:
+            self.save()
+            return
+        self._ledger.append(encode_record(payload, t_s, rng, self.read_voltage_v, read_back))
+        if self._ledger.size >= max(self._snapshot_bytes, MIN_SNAPSHOT_LEDGER_BYTES):
+            self.save()
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
-        """Write the state file (if any) atomically; only a MockDriver's chip can be saved."""
+        """Snapshot the state (if a state file is set) atomically, then empty the ledger it now holds.
+
+        Only a MockDriver's chip can be saved."""
         if self.state_path is None:
             return
         d = self.driver
         if not isinstance(d, MockDriver):
             raise DriverError(f"--state needs a MockDriver, this emulator wraps {type(d).__name__}")
-        save_state(self.state_path, SavedState(d.chip, d.now(), self.last_program_id, np.asarray(d.lifetime_pulses),
-                                           self.read_voltage_v))
+        self._snapshot_bytes = save_state(self.state_path, SavedState(
+            d.chip, d.now(), self.last_program_id, np.asarray(d.lifetime_pulses), self.read_voltage_v,
+            self.last_shapes))
+        # Emptied only once the snapshot is in place: a crash in between leaves records the snapshot already
+        # holds, which a restore skips by their ids.
+        if self._ledger is None:
+            self._ledger = Ledger(ledger_path(self.state_path))
+        self._ledger.truncate(0)
+
+    def close(self) -> None:
+        """Release the ledger file (the state stays as the last save or append left it)."""
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
 
     def _restore(self, s: SavedState) -> None:
         d = self.driver
@@ -309,8 +372,36 @@ class Emulator:
         d.chip = s.chip
         d._t = max(s.t_s, s.chip.now)  # noqa: SLF001 - same package; the mock's clock resumes where it was saved
         d._lifetime_pulses[:] = s.lifetime  # noqa: SLF001 - the endurance ledger survives restarts
+        d._last_id = s.last_program_id  # noqa: SLF001 - the mock's own PROG:LAST? as the snapshot left it
         self.last_program_id = s.last_program_id
         self.read_voltage_v = s.read_voltage_v
+        if s.last_shapes is not None:
+            self.last_shapes = s.last_shapes
+        assert self.state_path is not None
+        path = ledger_path(self.state_path)
+        data = path.read_bytes() if path.exists() else b""
+        records, good = read_records(data)
+        for rec in records:
+            if rec.program.program_id <= (self.last_program_id or 0):
+                continue  # in the snapshot already (a crash came between the snapshot and emptying the ledger)
+            d._t = rec.t_s  # noqa: SLF001 - the clock and RNG as they were just before the program first ran
+            set_rng_state(d.chip, rec.rng)
+            d._apply_checked(rec.program)  # noqa: SLF001 - accepted when it first ran; books the lifetime counts
+            if rec.read_back:
+                d.read(rec.program.addresses)  # PROG:APPL:READ?'s read-back moved the clock and drew noise too
+            self.last_program_id = rec.program.program_id
+            self.last_shapes = rec.program.shapes
+            self.read_voltage_v = rec.read_voltage_v
+            self.replayed_programs += 1
+        self._ledger = Ledger(path, size=good)
+        if any(data[good:]):
+            # Only the last record can be short (each is fsynced before the next is written), and it was never
+            # acknowledged; cut it off so that new records follow whole ones.
+            log.warning("%s: %d bytes after the last whole record dropped (a write cut short by a crash)", path,
+                        len(data.rstrip(b"\0")) - good)
+            self._ledger.truncate(good)
+        log.info("restored %s: snapshot up to program %s, %d programs re-applied from %s", self.state_path,
+                 s.last_program_id, self.replayed_programs, path.name)
 
 
 class _Refused(Exception):

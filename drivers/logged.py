@@ -9,7 +9,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from .base import ArrayDriver
+from .base import APPLY_READ, ArrayDriver
 from .program import Block, PulseProgram, ReadResult
 from .runlog import U32_MAX, RunLogError, RunLogWriter
 
@@ -96,6 +96,35 @@ class LoggedDriver(ArrayDriver):
         t = self.inner.now() if self.program_times else None
         self.writer._log_program(self.step, program, t, self.wall_clock())
         self.inner._apply_checked(program)
+
+    def apply_and_read(self, program: PulseProgram) -> ReadResult:
+        """apply(program) then read(program.addresses) through inner's apply_and_read, logged with the same rows in
+        the same order as the two calls (the read with the current reason).
+
+        An inner driver with APPLY_READ reports its clock at the program's start in the same reply, so the
+        program's row is written once that reply is in (with that time, where apply() would have asked the
+        clock first: one round trip fewer); the log is checked to be open before anything is sent. Should the
+        operation fail, the program is logged all the same (without a time), as apply() would have logged it.
+        """
+        self.check_program(program)
+        if not (self.program_times and APPLY_READ in self.inner.capabilities):
+            t = self.inner.now() if self.program_times else None
+            self.writer._log_program(self.step, program, t, self.wall_clock())
+            r = self.inner._apply_and_read_checked(program)[1]
+        else:
+            self.writer._check_open()
+            wall = self.wall_clock()
+            try:
+                t, r = self.inner._apply_and_read_checked(program)
+            except BaseException:
+                try:
+                    self.writer._log_program(self.step, program, None, wall)
+                except RunLogError:
+                    pass  # the log failed too; the driver's error says more about the chip
+                raise
+            self.writer._log_program(self.step, program, t, wall)
+        self.writer._log_reads(self.step, r.t_s, r.addresses, r.conductances_us, self.reason, self.wall_clock())
+        return r
 
     def _apply(self, program: PulseProgram) -> None:  # pragma: no cover - apply() overrides
         self.inner._apply_checked(program)

@@ -26,6 +26,8 @@ from .program import PulseProgram, PulseShape, PulseShapes
 MAX_BLOCK_BYTES = 999_999_999
 #: Longest header + text argument the server accepts (bytes, newline excluded).
 MAX_LINE_BYTES = 4096
+#: Optional commands a tester may serve; it lists those it does in its *OPT? reply (one without *OPT? has none).
+OPTIONAL_COMMANDS = ("PROG:APPL:READ?",)
 #: Largest SET count one device can carry on the wire (uint16).
 MAX_WIRE_SET_COUNT = 0xFFFF
 #: Largest address the wire carries (uint32).
@@ -64,6 +66,7 @@ COMMANDS: dict[str, Command] = {c.header: c for c in (
     Command("*RST", Arg.NONE, Reply.NONE, "settings to defaults, error queue cleared; the chip and PROG:LAST? are kept"),
     Command("*CLS", Arg.NONE, Reply.NONE, "clear the error queue"),
     Command("*OPC?", Arg.NONE, Reply.TEXT, "1 once every earlier command has completed"),
+    Command("*OPT?", Arg.NONE, Reply.TEXT, "optional commands this tester serves, comma-separated; 0 if none"),
     Command("SYST:ERR?", Arg.NONE, Reply.TEXT, 'oldest error-queue entry, <code>,"<message>"; 0,"No error" when empty'),
     Command("SYNC?", Arg.TEXT, Reply.TEXT, "echo the token (1..64 of [A-Za-z0-9]); used to find the end of stale replies"),
     Command("GEOM?", Arg.NONE, Reply.TEXT, "rows,cols"),
@@ -75,6 +78,8 @@ COMMANDS: dict[str, Command] = {c.header: c for c in (
     Command("READ?", Arg.BLOCK, Reply.BLOCK, "read conductances of an address block"),
     Command("READ:ALL?", Arg.NONE, Reply.BLOCK, "read the whole array in address order"),
     Command("PROG:APPL?", Arg.BLOCK, Reply.TEXT, "apply a program block; replies its id once applied"),
+    Command("PROG:APPL:READ?", Arg.BLOCK, Reply.BLOCK, "apply a program block, then read its devices back; replies "
+            "one block: the id, the clock at the program's start and the read-back (optional: *OPT? lists it)"),
     Command("PROG:LAST?", Arg.NONE, Reply.TEXT, "id of the last applied program, 0 if none"),
     Command("LIFE?", Arg.BLOCK, Reply.BLOCK, "lifetime pulses (SET + RESET) of an address block"),
     Command("LIFE:ALL?", Arg.NONE, Reply.BLOCK, "lifetime pulses of every device in address order"),
@@ -263,6 +268,29 @@ def decode_counts(payload: bytes) -> npt.NDArray[np.int64]:
     if c.size and c.max() >= 2**63:
         raise BlockError("pulse count does not fit int64")
     return c.astype(np.int64)
+
+
+def encode_apply_read_reply(program_id: int, t_program_s: float, t_s: float, conductances_us: npt.ArrayLike) -> bytes:
+    """PROG:APPL:READ? reply payload: u64 program id, f64 tester clock as the program started (s), then a read
+    reply's fields: f64 tester clock of the read (s), u32 n, f32[n] conductances (uS); u32 CRC."""
+    g = np.asarray(conductances_us, "<f4")
+    return _with_crc([struct.pack("<QddI", int(program_id), float(t_program_s), float(t_s), g.size), g.tobytes()])
+
+
+def decode_apply_read_reply(payload: bytes) -> tuple[int, float, float, npt.NDArray[np.float32]]:
+    """(program id, clock at the program's start in s, clock of the read in s, conductances in uS as float32)."""
+    body = _check_crc(payload, "apply-read reply")
+    if len(body) < 24:
+        raise BlockError("apply-read reply payload is shorter than its header")
+    pid, t_prog, t_s = struct.unpack_from("<Qdd", body, 0)
+    n = _count(body, 24, 4, "apply-read reply")
+    return pid, t_prog, t_s, np.frombuffer(body, "<f4", n, 28).astype(np.float32)
+
+
+def parse_options(text: str) -> frozenset[str]:
+    """The optional commands an *OPT? reply names ('0': none), upper-cased."""
+    names = {x.strip().upper() for x in text.split(",")}
+    return frozenset(names - {"", "0"})
 
 
 _PROG_HEAD = struct.Struct("<QddddI")

@@ -12,6 +12,7 @@ Both are re-exported here, so `from drivers.server import Emulator, FaultPlan, l
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -30,6 +31,8 @@ from .emulator import (BYTES_PER_DEVICE, ERROR_QUEUE_LENGTH, FIRMWARE, MAX_DEVIC
 from .emulator_state import (DEFAULT_READ_VOLTAGE_V, STATE_FORMAT, STATE_VERSION, SavedState, load_state,
                              save_state)
 from .mock import MockDriver
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BYTES_PER_DEVICE", "DEFAULT_READ_VOLTAGE_V", "ERROR_QUEUE_LENGTH", "FIRMWARE", "MAX_DEVICES",
@@ -118,8 +121,11 @@ class Server:
             else:
                 self._serve_tcp()
         finally:
-            self.emulator.save()
-            self.close()
+            try:
+                self.emulator.save()
+            finally:
+                self.emulator.close()
+                self.close()
 
     def close(self) -> None:
         if self._listener is not None:
@@ -148,7 +154,8 @@ class Server:
             with conn:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.settimeout(0.2)
-                self._session(lambda: conn.recv(1 << 20), lambda data: self._send_tcp(conn, data), can_drop=True)
+                self._logged_session(_peer(conn), lambda: conn.recv(1 << 20), lambda data: self._send_tcp(conn, data),
+                                     can_drop=True)
 
     def _send_tcp(self, conn: socket.socket, data: bytes) -> None:
         # Python's sendall timeout bounds the whole transfer; a big block to a busy client needs more
@@ -181,11 +188,21 @@ class Server:
 
         while not self._stop.is_set():
             # A pty has no connection to close: a drop fault just loses the reply.
-            self._session(recv, send, can_drop=False)
+            self._logged_session(self.address, recv, send, can_drop=False)
 
-    def _session(self, recv: Callable[[], bytes], send: Callable[[bytes], None], can_drop: bool) -> None:
+    def _logged_session(self, who: str, recv: Callable[[], bytes], send: Callable[[bytes], None],
+                        can_drop: bool) -> None:
+        """_session, with one log line (info) as the client comes and one as it goes: how long, how many messages."""
+        log.info("client %s connected", who)
+        t0, n0 = time.monotonic(), self.emulator.commands_seen
+        why = self._session(recv, send, can_drop)
+        log.info("client %s %s after %.1f s, %d messages", who, why, time.monotonic() - t0,
+                 self.emulator.commands_seen - n0)
+
+    def _session(self, recv: Callable[[], bytes], send: Callable[[bytes], None], can_drop: bool) -> str:
         """Serve one connection until it closes, idles out or overruns a message deadline (TCP), or the
-        server stops. can_drop: the link is a connection that can be closed (TCP, not a pty)."""
+        server stops; returns how it ended, for the log. can_drop: the link is a connection that can be
+        closed (TCP, not a pty)."""
         parser = P.MessageParser(max_block=self.emulator.max_block)
         last_byte = time.monotonic()
         started: float | None = None  # when the first byte of the pending message came
@@ -194,18 +211,18 @@ class Server:
                 data: bytes | None = recv()
             except TimeoutError:
                 data = None
-            except OSError:
-                return
+            except OSError as e:
+                return f"lost ({e.strerror or e})"
             now = time.monotonic()
             if data is not None:
                 if not data:
-                    return
+                    return "disconnected"
                 last_byte = now
                 items = parser.feed(data)
                 # Leftover bytes after a completed message started in this chunk.
                 started = (now if items or started is None else started) if parser.pending else None
                 if not self._answer(items, send, can_drop):
-                    return
+                    return "closed by the emulator (injected fault or failed send)"
             if parser.pending:
                 assert started is not None
                 if now - started > self.message_deadline_s:
@@ -214,14 +231,16 @@ class Server:
                                                      "of its first byte: abandoned"))
                     started = None
                     if can_drop:
-                        return
+                        return f"closed: a message not complete within {self.message_deadline_s:g} s"
                 elif now - last_byte > self.quiet_abandon_s:
                     bad = parser.abandon()
                     if bad is not None:
                         self.emulator.handle(bad)
                     started = None
             elif can_drop and now - last_byte > self.idle_timeout_s:
-                return  # idle: let the next client in the listen queue have the tester
+                # idle: let the next client in the listen queue have the tester
+                return f"closed: idle for {self.idle_timeout_s:g} s"
+        return "closed: the emulator stops"
 
     def _answer(self, items: list[P.Message | P.Malformed], send: Callable[[bytes], None], can_drop: bool) -> bool:
         """Run received messages and send their replies; False once the connection is to end."""
@@ -240,6 +259,14 @@ class Server:
             except OSError:
                 return False
         return True
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        host, port = conn.getpeername()[:2]
+    except OSError:
+        return "(unknown peer)"
+    return f"{host}:{port}"
 
 
 def serve(driver: ArrayDriver | None = None, endpoint: Endpoint | str = "127.0.0.1:5025", *,

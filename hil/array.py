@@ -164,6 +164,10 @@ class ArrayWeights:
         addr = self.mapping.addresses if addresses is None else addresses
         with self._reason(reason):
             r = self.driver.read(addr)
+        return self._took_read(r, addresses)
+
+    def _took_read(self, r: ReadResult, addresses: np.ndarray | None) -> ReadResult:
+        """Book a read of addresses (None: every mapped device): counters, host copy of G, weights."""
         self.counters.read_calls += 1
         self.counters.devices_read += int(r.addresses.size)
         self.g[r.addresses] = r.conductances_us
@@ -211,19 +215,22 @@ class ArrayWeights:
             self.on_program(rec)
         self.programs_sent += 1
         p = rec.program
-        back = read_reason is not None and self.read_policy.after_program
-        if back:
-            # before account() moves since_reset and the read moves g
-            g0, k = self.g[p.addresses], self.since_reset[p.addresses]
-        self.driver.apply(p)
+        if read_reason is None or not self.read_policy.after_program:
+            self.driver.apply(p)
+            self.account(rec)
+            return
+        # before account() moves since_reset and the read moves g
+        g0, k = self.g[p.addresses], self.since_reset[p.addresses]
+        # One operation (one round trip on a tester with PROG:APPL:READ?), booked as apply, account, read were.
+        with self._reason(read_reason):
+            r = self.driver.apply_and_read(p)
         self.account(rec)
-        if back:
-            r = self.read(p.addresses, read_reason)
-            if p.reset_pulses == 0:
-                if rec.kind != PROBE:
-                    self.response.add_increments(p.addresses, p.set_counts, k, g0, r.conductances_us)
-            else:
-                self._sample_from_reset(p, r.conductances_us)
+        self._took_read(r, p.addresses)
+        if p.reset_pulses == 0:
+            if rec.kind != PROBE:
+                self.response.add_increments(p.addresses, p.set_counts, k, g0, r.conductances_us)
+        else:
+            self._sample_from_reset(p, r.conductances_us)
 
     def _sample_from_reset(self, p: PulseProgram, g_us: np.ndarray) -> None:
         """A program with RESETs, read back: its RESET devices sample the from-RESET table (the host's programs

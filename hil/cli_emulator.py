@@ -29,7 +29,8 @@ def emulator_cmd(
     cols: Annotated[int, typer.Option(min=1, help="Array columns.")] = 784,
     seed: Annotated[int, typer.Option(help="Seed of the simulated chip.")] = 0,
     state: Annotated[Optional[Path], typer.Option(help="Keep chip, clock, last program id and lifetime counts in "
-                                                       "this file across restarts (saved after every program).")] = None,
+                                                       "this file across restarts (each program appended to FILE.ledger "
+                                                       "before it is acknowledged).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="PCM model parameters (TOML).")] = None,
     limits: Annotated[Optional[Path], typer.Option(help="Safety limits the emulator enforces (TOML).")] = None,
     idle_timeout_s: Annotated[float, typer.Option(min=0.01, help="Close a TCP connection that sends nothing for this "
@@ -43,8 +44,14 @@ def emulator_cmd(
     fault_error: Annotated[float, typer.Option(min=0, max=1, help="Per-query probability: instrument error 200, command not run.")] = 0.0,
     fault_delay_s: Annotated[float, typer.Option(min=0, help="Lateness of a delayed reply, s.")] = 1.0,
     fault_seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log each client connecting and leaving "
+                                                                          "on stderr (as pcm-hil -v emulator).")] = 0,
 ) -> None:
     """Serve the tester wire protocol (docs/protocol.md) in front of a simulated chip."""
+    if verbose:
+        from .logs import setup_console_logging
+
+        setup_console_logging(verbose)
     from drivers import DriverError, MockDriver, SafetyLimits
     from drivers.server import Emulator, Endpoint, FaultPlan, Server, check_size, exposed, print_ready
     from sim import PCMParams
@@ -87,7 +94,11 @@ def emulator_cmd(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print_ready(server)
-    server.serve_forever()  # saves the state file (if any) on the way out
+    try:
+        server.serve_forever()  # saves the state file (if any) on the way out
+    finally:
+        if faults.any:
+            typer.echo(f"pcm-hil emulator: {emulator.fault_summary()}", err=True)
 
 
 def _fail(message: str) -> NoReturn:
