@@ -1,13 +1,16 @@
 """scripts/bench faults: a digits training run over the emulated tester with injected faults, side by side.
 
-Each case is a fresh `pcm-hil emulator` (hil.cli_emulator.EmulatorProcess, with --state) and a fresh
+Each case is a fresh `pcm-hil emulator` (hil.cli_emulator.EmulatorProcess) and a fresh
 `pcm-hil train --data digits` over pyvisa-py (TCPIP::127.0.0.1::PORT::SOCKET): first fault-free, then
 P (default 2%) of each fault kind per query (lose, drop, delay, corrupt, error), then all of them at
 once. A run that exits nonzero is resumed (`train --resume RUN_DIR --driver RESOURCE`) until it
 finishes. Printed per case: the wall time of all train invocations, us per trained sample from it,
 the ratio to the fault-free run, resumes needed, the driver's link figures, and the ledger check:
-the tester's lifetime pulses per device (the emulator's state file, read once it has stopped) against
-the SET + RESET pulses of every program in the run log (programs the run lists as unapplied excluded).
+the tester's lifetime pulses per device (LIFE:ALL? over a TesterDriver once training is done, through the
+same faults) against the SET + RESET pulses of every program in the run log (programs the run lists as
+unapplied excluded). No --state: the emulator lives through the whole case, and a state file's writes would
+be in every figure. Beside each ratio: the time the injected delays themselves take (the emulator's count
+of delayed replies, printed as it exits, times --delay-s), and the ratio without it: the recovery's cost.
 Goals: ledgers equal in every case; each case at most 3x the fault-free time.
 """
 
@@ -39,6 +42,7 @@ class Case:
     devices_differ: int
     tester_pulses: int
     log_pulses: int
+    delayed: int = 0
     note: str = ""
 
 
@@ -63,17 +67,16 @@ def _log_pulses(run: Path, n_devices: int) -> np.ndarray:
 
 def run_case(name: str, faults: dict[str, float], a: argparse.Namespace, tmp: Path) -> Case:
     """One fresh emulator and one training run (resumed until it finishes) under the given fault rates."""
-    from drivers.server import load_state
     from hil.cli_emulator import EmulatorProcess
 
     folder = tmp / name
     folder.mkdir()
-    state, run, log = folder / "tester.npz", folder / "run", folder / "train.log"
+    run, log = folder / "run", folder / "train.log"
     cfg = folder / "run.toml"
     cfg.write_text(f'seed = {a.seed}\n[data]\nname = "digits"\n[network]\nhidden = [{a.hidden}]\n'
                    f"[update]\nepochs = {a.epochs}\n[driver]\nkind = \"visa\"\nresource = \"unused\"\n"
                    f"timeout_s = {a.timeout_s}\n# the emulator simulates the default PCM model, so its response is known\nuncalibrated_ok = true\n")
-    emu_args = ["--rows", str(a.rows), "--cols", str(a.cols), "--seed", str(a.seed), "--state", str(state),
+    emu_args = ["--rows", str(a.rows), "--cols", str(a.cols), "--seed", str(a.seed),
                 "--fault-seed", str(a.seed + 1), "--fault-delay-s", str(a.delay_s)]
     for kind, p in faults.items():
         emu_args += [f"--fault-{kind}", str(p)]
@@ -85,12 +88,35 @@ def run_case(name: str, faults: dict[str, float], a: argparse.Namespace, tmp: Pa
             resumes += 1
             rc = _train(["--resume", str(run), "--driver", emu.resource], log)
         wall = time.perf_counter() - t0
-    tester = load_state(state).lifetime  # written on the emulator's way out
+        tester = _tester_lifetime(emu.resource, a.timeout_s)
+    delayed = _delayed_replies(emu.stderr_text())
     summary = json.loads((run / "summary.json").read_text()) if rc == 0 else {}
     logged = _log_pulses(run, tester.size) if (run / "run.h5").exists() else np.zeros_like(tester)
     note = "" if rc == 0 else f"did not finish (rc {rc}); see {log}"
     return Case(name, wall, int(summary.get("samples_trained", 0)), resumes, rc == 0,
-                int(np.count_nonzero(tester != logged)), int(tester.sum()), int(logged.sum()), note)
+                int(np.count_nonzero(tester != logged)), int(tester.sum()), int(logged.sum()), delayed, note)
+
+
+def _tester_lifetime(resource: str, timeout_s: float) -> np.ndarray:
+    """LIFE:ALL? of the tester, asked through its faults (the driver retries them; connecting is tried again)."""
+    from drivers import DriverError, TesterDriver
+
+    for attempt in range(20):
+        try:
+            with TesterDriver.open(resource, timeout_s=timeout_s, retries=50) as drv:
+                return drv.tester_lifetime_pulses()
+        except DriverError:
+            if attempt == 19:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _delayed_replies(stderr: str) -> int:
+    """The emulator's count of delayed replies, from its exit line 'injected faults: ... delay N, ...'."""
+    for line in stderr.splitlines():
+        if "injected faults:" in line:
+            return int(line.split(" delay ", 1)[1].split(",", 1)[0].replace(",", ""))
+    return 0
 
 
 def main(argv: list[str]) -> None:
@@ -133,14 +159,15 @@ def main(argv: list[str]) -> None:
     print(f"scripts/bench faults: digits 64-{a.hidden}-10, {a.epochs} epoch(s), pyvisa-py over loopback to the "
           f"emulated tester ({a.rows}x{a.cols}), driver timeout {a.timeout_s:g} s, fault delay {a.delay_s:g} s; "
           f"each fault kind at {100 * a.p:g}% per query")
-    print(f"  {'case':9s} {'wall s':>7s} {'us/sample':>10s} {'vs clean':>8s} {'resumes':>7s}  "
-          f"{'ledger (tester vs log)':28s}")
+    print(f"  {'case':9s} {'wall s':>7s} {'us/sample':>10s} {'vs clean':>8s} {'delays s':>8s} {'less delays':>11s} "
+          f"{'resumes':>7s}  {'ledger (tester vs log)':28s}")
     for c in cases:
         us = c.wall_s / c.samples * 1e6 if c.samples else float("nan")
         ledger = (f"equal ({c.tester_pulses:,} pulses)" if c.devices_differ == 0
                   else f"{c.devices_differ} devices differ ({c.tester_pulses:,} vs {c.log_pulses:,})")
-        print(f"  {c.name:9s} {c.wall_s:7.1f} {us:10.0f} {c.wall_s / clean.wall_s:7.2f}x {c.resumes:7d}  "
-              f"{ledger}{'  ' + c.note if c.note else ''}")
+        delays = c.delayed * a.delay_s
+        print(f"  {c.name:9s} {c.wall_s:7.1f} {us:10.0f} {c.wall_s / clean.wall_s:7.2f}x {delays:8.1f} "
+              f"{(c.wall_s - delays) / clean.wall_s:10.2f}x {c.resumes:7d}  {ledger}{'  ' + c.note if c.note else ''}")
     equal = all(c.devices_differ == 0 and c.finished for c in cases)
     worst = max(cases, key=lambda c: c.wall_s)
     fast = all(c.finished and c.wall_s <= 3 * clean.wall_s for c in cases)
