@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -175,6 +176,10 @@ def test_verbose_emulator_logs_each_connection_on_stderr():
         with _emulator_with_root_args(args) as emu:
             with Driver.open(emu.resource, timeout_s=10) as drv:
                 drv.read([1, 2])
+            for _ in range(200):  # the server notices the close within its 0.2 s poll; stopping first would win
+                if "disconnected after" in emu.stderr_text():
+                    break
+                time.sleep(0.05)
         err = emu.stderr_text()
         assert "drivers.server: client 127.0.0.1:" in err and " connected" in err
         assert "disconnected after" in err and " 5 messages" in err  # *IDN? GEOM? LIM? LIFE:ALL? READ?
