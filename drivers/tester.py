@@ -5,12 +5,16 @@ retried after a link failure (reconnect, then SYNC? to skip any stale reply) and
 (the tester did not run the command). A program is applied exactly once: if the link fails while it
 is in flight, the driver reconnects, syncs, asks PROG:LAST? until two answers in a row agree, and
 re-sends only if the tester did not apply it; a program refused with 200 or -160 never ran and is
-sent again.
+sent again. A tester that stops answering is reconnected with backoff for the reconnect window
+(default 60 s, warnings "tester not answering, retry N, S s" on the way), then LinkLost; while
+connecting the window is 0, so a silent tester fails after one reply timeout plus one sync wait.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -19,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from . import protocol as P
-from .base import ArrayDriver
-from .errors import Disconnected, DriverError, DriverTimeout, InstrumentError, ProtocolError
+from .base import APPLY_READ, ArrayDriver
+from .errors import Disconnected, DriverError, DriverTimeout, InstrumentError, LinkLost, NoAnswer, ProtocolError
 from .program import Geometry, PulseProgram, ReadResult
 from .safety import SafetyLimits
 from .transport import SerialTransport, Transport, VisaTransport, is_serial_url
@@ -30,7 +34,11 @@ _LINK_ERRORS = (DriverTimeout, Disconnected, ProtocolError)
 _NOT_RUN = (P.ErrorCode.INJECTED_FAULT,)
 #: PROG:LAST? answers asked for at most, per attempt, to get two in a row that agree.
 _LAST_ID_ASKS = 4
+#: Pauses (s) before the 1st, 2nd, ... reconnect retry within the window; the last one repeats. The first is 0:
+#: one failed recovery is most often a fault on a live link, not an outage.
+_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 5.0)
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +51,7 @@ class LinkStats:
     retried_queries: int = 0
     retried_errors: int = 0
     timeouts: int = 0  # replies waited for in vain, a whole timeout each (a closed link is not one)
+    drained_replies: int = 0  # stale lines skipped while waiting for a SYNC? echo
 
 
 class TesterDriver(ArrayDriver):
@@ -50,16 +59,33 @@ class TesterDriver(ArrayDriver):
 
     limits: host-side SafetyLimits; the limits in force are the strictest of these and the tester's own
     (LIM?), field by field, never wider than either. retries: link failures and not-run errors (200)
-    tolerated per operation. sync_timeout_s: how long recovery waits for stale replies to end
-    (default 4x the transport timeout). seed_lifetime: fill the endurance ledger from LIFE:ALL?.
+    tolerated per operation on a link that recovers. sync_timeout_s: how long recovery waits for each
+    line up to its SYNC? echo (default the transport timeout, so one recovery try costs at most about 2x
+    timeout_s: reconnect plus sync). reconnect_window_s: how long (s) recovery keeps trying, with
+    backoff, while the tester does not answer (default RECONNECT_WINDOW_S = 60); then LinkLost. An outage
+    costs at most about the window plus two timeouts. While connecting the window is 0: one reconnect.
+    seed_lifetime: fill the endurance ledger from LIFE:ALL?.
     """
 
+    #: Default reconnect window, seconds.
+    RECONNECT_WINDOW_S = 60.0
+
     def __init__(self, transport: Transport, *, limits: SafetyLimits | None = None, retries: int = 5,
-                 sync_timeout_s: float | None = None, seed_lifetime: bool = True) -> None:
+                 sync_timeout_s: float | None = None, seed_lifetime: bool = True,
+                 reconnect_window_s: float | None = None) -> None:
         self._transport = transport
         self._retries = int(retries)
         self._sync_timeout_s = sync_timeout_s
+        window = self.RECONNECT_WINDOW_S if reconnect_window_s is None else float(reconnect_window_s)
+        if not window >= 0:
+            transport.close()
+            raise ValueError(f"reconnect_window_s must be >= 0 seconds, got {reconnect_window_s!r}")
+        self._reconnect_window_s = window
+        self._last_header = ""
+        self._reopened = False
         self.stats = LinkStats()
+        # A tester that does not answer the handshake is not retried for a window: it gets one reconnect.
+        self._connecting = True
         try:
             self._identity = self._query_text("*IDN?")
             geometry = self._query_text("GEOM?", parse=_parse_geometry)
@@ -71,8 +97,11 @@ class TesterDriver(ArrayDriver):
             raise
         super().__init__(geometry, in_force)
         self.tester_limits = tester_limits
+        # The optional commands the tester's *OPT? lists: asked at the first use, so connecting stays four round trips.
+        self._options: frozenset[str] | None = None
         if seed_lifetime:
             self._lifetime_pulses[:] = self._query_block("LIFE:ALL?", parse=self._counts_of(geometry.n_devices))
+        self._connecting = False
 
     def _tester_limits(self, host_limits: SafetyLimits | None) -> SafetyLimits:
         """The tester's LIM?; a tester without it (error -113) needs limits given on the host."""
@@ -89,19 +118,21 @@ class TesterDriver(ArrayDriver):
     @classmethod
     def open(cls, resource: str, *, timeout_s: float = 5.0, backend: str = "@py", baudrate: int = 115200,
              parity: str = "N", limits: SafetyLimits | None = None, retries: int = 5,
-             **transport_kwargs: Any) -> TesterDriver:
+             reconnect_window_s: float | None = None, **transport_kwargs: Any) -> TesterDriver:
         """Connect to a tester by VISA resource string ('TCPIP::127.0.0.1::5025::SOCKET', 'GPIB0::5::INSTR')
         or serial URL ('socket://127.0.0.1:5025', '/dev/ttyUSB0', a pty path, 'COM3', 'loop://').
 
-        timeout_s: per-reply timeout in seconds. backend: pyvisa backend ('@py' = pyvisa-py).
-        baudrate, parity: serial settings (serial URLs only).
+        timeout_s: per-reply timeout in seconds (also bounds opening the link). backend: pyvisa backend
+        ('@py' = pyvisa-py). baudrate, parity: serial settings (serial URLs only). reconnect_window_s: how
+        long (s) to keep reconnecting to a tester that stopped answering mid-run (default 60). A malformed
+        resource raises BadResource, a refused connection Disconnected ("connection refused ...").
         """
         t: Transport
         if is_serial_url(resource):
             t = SerialTransport(resource, baudrate=baudrate, parity=parity, timeout_s=timeout_s, **transport_kwargs)
         else:
             t = VisaTransport(resource, backend=backend, timeout_s=timeout_s, **transport_kwargs)
-        return cls(t, limits=limits, retries=retries)
+        return cls(t, limits=limits, retries=retries, reconnect_window_s=reconnect_window_s)
 
     # ------------------------------------------------------------------ description
     @property
@@ -111,6 +142,22 @@ class TesterDriver(ArrayDriver):
     @property
     def transport(self) -> Transport:
         return self._transport
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """{APPLY_READ} when the tester's *OPT? lists PROG:APPL:READ? (asked once, at the first use)."""
+        if self._options is None:
+            self._options = self._tester_options()
+        return frozenset({APPLY_READ}) if "PROG:APPL:READ?" in self._options else frozenset()
+
+    def _tester_options(self) -> frozenset[str]:
+        """The optional commands *OPT? names; none from a tester that lacks *OPT? (error -113)."""
+        try:
+            return self._query_text("*OPT?", parse=P.parse_options)
+        except InstrumentError as e:
+            if e.code != P.ErrorCode.UNDEFINED_HEADER:
+                raise
+            return frozenset()
 
     # ------------------------------------------------------------------ the contract
     def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult:
@@ -129,12 +176,45 @@ class TesterDriver(ArrayDriver):
     def _apply(self, program: PulseProgram) -> None:
         message = P.encode_message("PROG:APPL?", block=P.encode_program(program))
         pid = program.program_id
+
+        def once() -> None:
+            reply = self._round_trip_text(message, "PROG:APPL?")
+            if reply.strip() != str(pid):
+                raise ProtocolError(f"PROG:APPL? answered {reply[:40]!r}, expected {pid}")
+
+        self._exactly_once(pid, once)
+
+    def _apply_and_read_checked(self, program: PulseProgram) -> tuple[float | None, ReadResult]:
+        """PROG:APPL:READ? where the tester has it (one round trip), exactly once as PROG:APPL?; otherwise
+        apply() then read(). When the reply is lost but PROG:LAST? says the program landed, it is not sent
+        again and its devices are read with a plain READ? (the clock at its start is then unknown: None)."""
+        if APPLY_READ not in self.capabilities:
+            return super()._apply_and_read_checked(program)
+        addresses = program.addresses
+        message = P.encode_message("PROG:APPL:READ?", block=P.encode_program(program))
+        pid = program.program_id
+
+        def once() -> tuple[float, ReadResult]:
+            got, t_program, t_s, g = P.decode_apply_read_reply(self._round_trip_block(message, "PROG:APPL:READ?"))
+            if got != pid or g.size != addresses.size:
+                raise ProtocolError(f"PROG:APPL:READ? answered program {got} with {g.size} conductances, expected "
+                                    f"{pid} with {addresses.size}")
+            return t_program, ReadResult(addresses, g, t_s)
+
+        landed = self._exactly_once(pid, once)
+        self._book_pulses(program)
+        return landed if landed is not None else (None, self.read(addresses))
+
+    def _exactly_once(self, pid: int, once: Callable[[], T]) -> T | None:
+        """Send program pid with once() until the tester has applied it exactly once: once's value, or None when
+        it landed but its reply was lost (PROG:LAST? said so, or a re-send was refused as already applied).
+        once raises ProtocolError for a reply that does not confirm pid."""
         last_error: Exception | None = None
         for attempt in range(self._retries + 1):
             if attempt:
                 self.stats.resends += 1
             try:
-                reply = self._round_trip_text(message, "PROG:APPL?")
+                return once()
             except InstrumentError as e:
                 if e.code == P.ErrorCode.BLOCK_DATA_ERROR or e.code in _NOT_RUN:
                     last_error = e  # garbled on the way in, or refused before running: sending it again is safe
@@ -143,18 +223,12 @@ class TesterDriver(ArrayDriver):
                     continue
                 if e.code == P.ErrorCode.ALREADY_APPLIED and attempt:
                     self._check_landed(pid, e)
-                    return
+                    return None
                 raise
             except _LINK_ERRORS as e:
-                last_error = e
+                last_error = e  # a lost, garbled or unconfirming reply: the tester knows whether it applied it
                 if self._applied_after_recovery(pid):
-                    return
-                continue
-            if reply.strip() == str(pid):
-                return
-            last_error = ProtocolError(f"PROG:APPL? answered {reply[:40]!r}, expected {pid}")
-            if self._applied_after_recovery(pid):
-                return
+                    return None
         raise Disconnected(f"program {pid} not confirmed after {self._retries + 1} attempts; it was not applied "
                            f"twice, ask last_program_id() whether it landed (last error: {last_error})")
 
@@ -163,6 +237,8 @@ class TesterDriver(ArrayDriver):
         try:
             last = self._agreed_last_id(lambda: self._query_text("PROG:LAST?", parse=_parse_id),
                                         2 * (self._retries + 1))
+        except LinkLost:
+            raise
         except DriverError as e:
             raise Disconnected(f"program {pid} was refused as not newer than the tester's last ({refusal.message}) "
                                f"and PROG:LAST? could not be learned: {e}") from e
@@ -177,9 +253,17 @@ class TesterDriver(ArrayDriver):
         for _ in range(self._retries + 1):
             try:
                 self._recover()
-                return self._agreed_last_id(once) == pid
+                last = self._agreed_last_id(once)
+            except LinkLost as e:
+                raise LinkLost(f"{e}. Program {pid} was in flight: whether it landed is settled by PROG:LAST? once "
+                               f"the tester answers again (a resume does this)") from e
             except (*_LINK_ERRORS, InstrumentError):
                 continue
+            if last == pid:
+                log.info("program %d landed before the link failed (PROG:LAST? %d): not sent again", pid, last)
+            else:
+                log.info("program %d did not land (PROG:LAST? %d): sending it again", pid, last)
+            return last == pid
         raise Disconnected(f"cannot learn from the tester whether program {pid} was applied")
 
     @staticmethod
@@ -271,14 +355,11 @@ class TesterDriver(ArrayDriver):
                 if e.code not in _NOT_RUN or attempt == self._retries:
                     raise
                 self.stats.retried_errors += 1
-            except _LINK_ERRORS:
+            except _LINK_ERRORS as e:
                 if attempt == self._retries:
                     raise
                 self.stats.retried_queries += 1
-                try:
-                    self._recover()
-                except DriverError:
-                    continue
+                self._recover(e)  # LinkLost (the tester stayed silent for the window) ends the operation
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -291,6 +372,7 @@ class TesterDriver(ArrayDriver):
 
     def _round_trip_text(self, message: bytes, header: str) -> str:
         self.stats.round_trips += 1
+        self._last_header = header
         self._transport.write(message)
         with self._counting_timeouts():
             line = self._transport.read_line()
@@ -303,6 +385,7 @@ class TesterDriver(ArrayDriver):
 
     def _round_trip_block(self, message: bytes, header: str) -> bytes:
         self.stats.round_trips += 1
+        self._last_header = header
         t = self._transport
         t.write(message)
         with self._counting_timeouts():
@@ -318,7 +401,58 @@ class TesterDriver(ArrayDriver):
             raise ProtocolError(f"block reply to {header} is not followed by a newline")
         return payload[:-1]
 
-    def _recover(self) -> None:
+    def _recover(self, cause: BaseException | None = None) -> None:
+        """Reconnect and sync (_resync); while that fails, try again with backoff (_BACKOFF_S) until the
+        reconnect window (s, from the first try) has passed, then LinkLost. Each try is bounded: the
+        reconnect by the transport timeout, the sync by sync_timeout_s per line. While connecting, a
+        tester that has only timed out gets no window (NoAnswer after one try: one reply timeout plus one
+        sync wait); one that showed life (closed the link, a garbled or refused reply) gets the window.
+        """
+        # Faults on a live tester (a dropped link, a garbled reply) cost no timeout; only silence does.
+        heard = cause is not None and not isinstance(cause, DriverTimeout)
+        what = self._last_header or "the last command"
+        if cause is not None:
+            log.info("link to %s failed after %s (%s); reconnecting", self._resource, what, cause)
+        t0 = time.monotonic()
+        tries = 0
+        while True:
+            tries += 1
+            self._reopened = False
+            try:
+                self._resync()
+            except _LINK_ERRORS as e:
+                last: DriverError = e
+                heard = heard or (self._reopened and not isinstance(e, DriverTimeout))
+            else:
+                if tries > 1:
+                    log.warning("tester answering again after %d retries, %.0f s", tries - 1, time.monotonic() - t0)
+                return
+            elapsed = time.monotonic() - t0
+            window = self._reconnect_window_s if heard or not self._connecting else 0.0
+            if elapsed >= window:
+                raise self._link_lost(what, cause, window, tries, elapsed, last)
+            log.warning("tester not answering, retry %d, %.0f s (%s)", tries, elapsed, last)
+            time.sleep(min(_BACKOFF_S[min(tries - 1, len(_BACKOFF_S) - 1)], window - elapsed))
+
+    @property
+    def _resource(self) -> str:
+        t = self._transport
+        return str(getattr(t, "resource", None) or getattr(t, "url", None) or getattr(t, "description", "the tester"))
+
+    def _link_lost(self, what: str, cause: BaseException | None, window: float, tries: int, elapsed: float,
+                   last: DriverError) -> LinkLost:
+        if self._connecting and window == 0:
+            first = (f"no answer from {self._resource} to {what} within {self._transport.timeout_s:g} s"
+                     if cause is None or isinstance(cause, DriverTimeout) else f"{what} failed ({cause})")
+            after = ("nor to SYNC? after reconnecting" if isinstance(last, DriverTimeout)
+                     else f"and reconnecting failed: {last}")
+            return NoAnswer(f"{first}, {after}; check that the tester is on, that {self._resource} is its address, that no "
+                            f"other client holds it, and that it speaks the pcm-hil wire protocol (docs/protocol.md)")
+        return LinkLost(f"the tester at {self._resource} stopped answering ({what} unanswered) and did not come back "
+                        f"within the reconnect window of {window:g} s ({tries} reconnects over {elapsed:.0f} s; last: "
+                        f"{last}); check the cable or network and that the tester is on")
+
+    def _resync(self) -> None:
         """Reconnect, then read until the echo of a fresh SYNC? token: whatever came before is stale.
 
         Any other line may be our echo, corrupted, or a SYNC? refused without running (200): each one sends
@@ -329,16 +463,27 @@ class TesterDriver(ArrayDriver):
         self.stats.reconnects += 1
         t = self._transport
         t.reconnect()
+        self._reopened = True
         tokens = [secrets.token_hex(8).encode()]
-        wait = self._sync_timeout_s if self._sync_timeout_s is not None else 4 * t.timeout_s
+        wait = self._sync_timeout_s if self._sync_timeout_s is not None else t.timeout_s
+        drained = 0
         with t.timeout(wait), self._counting_timeouts():
             t.write(P.encode_message("SYNC?", text=tokens[-1].decode()))
             for _ in range(10_000):
                 line = t.read_line().rstrip(b"\r\n")
                 if line.endswith(tokens[-1]):
+                    if drained:
+                        log.info("reconnected to %s; drained %d stale replies before the SYNC? echo",
+                                 self._resource, drained)
+                    else:
+                        log.info("reconnected to %s", self._resource)
                     return
-                if any(line.endswith(x) for x in tokens[:-1]) or len(tokens) > self._retries:
+                if any(line.endswith(x) for x in tokens[:-1]):
                     continue  # an earlier echo: the newest is on its way
+                drained += 1
+                self.stats.drained_replies += 1
+                if len(tokens) > self._retries:
+                    continue
                 if _is_not_run(line):
                     self.stats.retried_errors += 1
                 tokens.append(secrets.token_hex(8).encode())

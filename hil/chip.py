@@ -142,7 +142,8 @@ def make_driver(cfg: RunConfig, sizes: list[int], model: ChipModel) -> ArrayDriv
         from drivers.tester import TesterDriver
 
         assert d.resource is not None
-        inner = TesterDriver.open(d.resource, timeout_s=d.timeout_s, limits=limits_in_force(cfg))
+        inner = TesterDriver.open(d.resource, timeout_s=d.timeout_s, limits=limits_in_force(cfg),
+                                  reconnect_window_s=d.reconnect_window_s)
     if d.dry_run:
         from drivers import DryRunDriver
 

@@ -67,6 +67,8 @@ class DriverConfig(_Strict):
     seed: Seed = Field(0, description="Seed of the mock chip.")
     analog_mvm: Bool = Field(False, description="Mock chip does the analog multiply (capability 'mvm').")
     timeout_s: float = Field(10.0, gt=0, le=3600, description="Link timeout, s (visa / serial).")
+    reconnect_window_s: float = Field(60.0, ge=0, le=86400, description="How long a lost link is retried with "
+                                                                        "backoff before the run stops resumably, s.")
     limits: SafetyLimits = Field(default_factory=SafetyLimits, description="Safety limits checked before any I/O; "
                                  "the limits in force are these, the built-in defaults and the tester's (LIM?), "
                                  "whichever is strictest.")
@@ -196,12 +198,13 @@ class RunConfig(_Strict):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def digest(self) -> str:
-        """sha256 of the TOML form without the link settings (driver.resource, .timeout_s, .options): a resume
-        refuses a run whose config differs, but a tester may come back at another address (its identity
-        is checked instead)."""
+        """sha256 of the TOML form without the link settings (driver.resource, .timeout_s, .reconnect_window_s,
+        .options): a resume refuses a run whose config differs, but a tester may come back at another
+        address (its identity is checked instead)."""
         data = self.model_dump(mode="json", exclude_none=True)
         data["driver"].pop("resource", None)
         data["driver"].pop("timeout_s", None)
+        data["driver"].pop("reconnect_window_s", None)
         data["driver"].pop("options", None)  # a plugin's link settings; its identity is checked instead
         return hashlib.sha256(tomli_w.dumps(data).encode()).hexdigest()
 

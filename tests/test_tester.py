@@ -441,3 +441,54 @@ def test_a_corrupted_sync_echo_is_followed_by_another_sync_not_a_long_wait(scrip
     assert drv.read([1]).conductances_us.tolist() == [4.0]
     assert sum(w.startswith(b"SYNC? ") for w in script.writes()) == 2
     assert drv.stats.timeouts == 1  # the lost reply only
+
+
+# ---------------------------------------------------------------------------- issue 9: bounded waits
+def test_stale_replies_skipped_by_the_sync_are_counted_as_drained(script):
+    drv = connect(script)
+    req = P.encode_message("READ?", block=P.encode_addresses([1]))
+    script.expect((req, DriverTimeout("late")))
+    write = script.t.write.side_effect
+    first = {"sync": True}
+
+    def late_reply_before_the_first_echo(data: bytes) -> None:
+        if data.startswith(b"SYNC? ") and first["sync"]:
+            first["sync"] = False
+            script.buf += blk(P.encode_read_reply(0.5, [3.0]))  # the timed-out reply, arriving late
+        write(data)
+
+    script.t.write.side_effect = late_reply_before_the_first_echo
+    script.expect((req, blk(P.encode_read_reply(1.0, [4.0]))))
+    assert drv.read([1]).conductances_us.tolist() == [4.0]
+    assert drv.stats.drained_replies == 1 and drv.stats.reconnects == 1
+
+
+def test_a_tester_silent_at_connect_gets_one_reconnect_then_link_lost(mocker):
+    from drivers.errors import LinkLost
+
+    s = Script(mocker, [(b"*IDN?\n", DriverTimeout("no answer"))])
+    s.t.write.side_effect = lambda data: s._write(data) if not data.startswith(b"SYNC? ") else None  # no echo
+    with pytest.raises(LinkLost, match=r"no answer from .* to \*IDN\? within 1 s, nor to SYNC\? after reconnecting"):
+        Driver(s.t, retries=5)
+    assert s.t.reconnect.call_count == 1 and s.t.close.called
+
+
+def test_a_tester_silent_mid_run_is_retried_with_backoff_for_the_window_then_link_lost(script, monkeypatch):
+    from drivers import tester
+    from drivers.errors import LinkLost
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(tester.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(tester.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
+    drv = Driver(script.t, retries=2, reconnect_window_s=10)
+
+    def silent(data: bytes) -> None:
+        clock["t"] += 1.0  # each unanswered message costs the 1 s timeout
+        script.pending = DriverTimeout("no answer")
+
+    script.t.write.side_effect = silent
+    with pytest.raises(LinkLost, match="reconnect window of 10 s") as e:
+        drv.now()
+    assert "TIME? unanswered" in str(e.value)
+    # 1 s per try plus pauses 0, 0.5, 1, 2, 4: the window runs out after 6 tries, not after retries (2)
+    assert script.t.reconnect.call_count == 6 and clock["t"] < 10 + 2 * 1.0 + 1.0
