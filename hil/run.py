@@ -12,7 +12,8 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,27 +220,23 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
     try:
         run_dir.mkdir(parents=True)
         made = True
-        with run_log_file(run_dir):
-            try:
-                for w in json.loads(s.log_attrs["warnings_json"]):
-                    _warn(notify, w)
-                write_atomic(run_dir / CONFIG_FILE, cfg.to_toml().encode())
-                s.attach_log(run_dir, append=False)
-                t = s.trainer
-                assert t.array is not None
-                log.info("new run in %s on %s; limits in force %s; program ids from %d; journal fsync %s",
-                         run_dir, inner.identity, inner.limits.model_dump_json(), t.array.next_program_id,
-                         t.journal_fsync)
-                t.start_journal()
-                t.notify = notify
-                probe_response(s, cfg)
-                t.array.initialize(t.w0)
-                t.checkpoint()
-                return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
-                                         progress_every, stop)
-            except BaseException as e:
-                log.error("run stopped by %s: %s", type(e).__name__, e, extra={"file_only": True})
-                raise
+        with _run_log(run_dir):
+            for w in json.loads(s.log_attrs["warnings_json"]):
+                _warn(notify, w)
+            write_atomic(run_dir / CONFIG_FILE, cfg.to_toml().encode())
+            s.attach_log(run_dir, append=False)
+            t = s.trainer
+            assert t.array is not None
+            log.info("new run in %s on %s; limits in force %s; program ids from %d; journal fsync %s",
+                     run_dir, inner.identity, inner.limits.model_dump_json(), t.array.next_program_id,
+                     t.journal_fsync)
+            t.start_journal()
+            t.notify = notify
+            probe_response(s, cfg)
+            t.array.initialize(t.w0)
+            t.checkpoint()
+            return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
+                                     progress_every, stop)
     except BaseException as e:
         if made and _nothing_reached_the_chip(s, e):
             s.close()
@@ -247,6 +244,17 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
         raise
     finally:
         s.close()
+
+
+@contextmanager
+def _run_log(run_dir: Path) -> Iterator[None]:
+    """RUN_DIR/pcm-hil.log for the block; the error that ends the run goes there too (the CLI prints it)."""
+    with run_log_file(run_dir):
+        try:
+            yield
+        except BaseException as e:
+            log.error("run stopped by %s: %s", type(e).__name__, e, extra={"file_only": True})
+            raise
 
 
 def _warn(notify: NotifyFn | None, text: str) -> None:
@@ -369,24 +377,20 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
                                    [p for _, p in rf.programs_applied])
             check_ledger(inner, aw.mapping.addresses, want, cfg.driver.resource or inner.identity)
         # Nothing was written so far; from here on the resume goes ahead.
-        with run_log_file(run_dir):
-            try:
-                log.info("resume of %s at step %d on %s: %d journal records rolled forward, %d programs settled "
-                         "as applied, unapplied: %s; the chip %s", run_dir, t.at.step, inner.identity, rf.records,
-                         len(rf.programs_applied), rf.unapplied_program_id,
-                         "was restored from the checkpoint" if reapply else
-                         f"agrees (PROG:LAST? {last_applied}, lifetime counts of the mapped devices)")
-                s.attach_log(run_dir, append=True)
-                _relog_missing(s, t, rf)
-                assert t.array is not None
-                t._set_log_step(t.at.step)  # noqa: SLF001 - the resume's read belongs to the step it resumes at
-                t.array.read(None, "resume")
-                t.checkpoint()
-                return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
-                                         progress_every, stop)
-            except BaseException as e:
-                log.error("run stopped by %s: %s", type(e).__name__, e, extra={"file_only": True})
-                raise
+        with _run_log(run_dir):
+            log.info("resume of %s at step %d on %s: %d journal records rolled forward, %d programs settled "
+                     "as applied, unapplied: %s; the chip %s", run_dir, t.at.step, inner.identity, rf.records,
+                     len(rf.programs_applied), rf.unapplied_program_id,
+                     "was restored from the checkpoint" if reapply else
+                     f"agrees (PROG:LAST? {last_applied}, lifetime counts of the mapped devices)")
+            s.attach_log(run_dir, append=True)
+            _relog_missing(s, t, rf)
+            assert t.array is not None
+            t._set_log_step(t.at.step)  # noqa: SLF001 - the resume's read belongs to the step it resumes at
+            t.array.read(None, "resume")
+            t.checkpoint()
+            return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
+                                     progress_every, stop)
     finally:
         s.close()
 
