@@ -57,12 +57,8 @@ def _log_pulses(run: Path, n_devices: int) -> np.ndarray:
     from drivers.runlog import RunLogReader
 
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-    unapplied = set(summary.get("unapplied_program_ids") or [])
-    pulses = np.zeros(n_devices, np.int64)
-    for _step, _t, p in RunLogReader(run / "run.h5").programs():
-        if p.program_id not in unapplied:
-            np.add.at(pulses, p.addresses, p.set_counts + p.reset)
-    return pulses
+    with RunLogReader(run / "run.h5") as r:
+        return r.pulses_per_device(n_devices, summary.get("unapplied_program_ids") or [])
 
 
 def run_case(name: str, faults: dict[str, float], a: argparse.Namespace, tmp: Path) -> Case:

@@ -33,12 +33,6 @@ def driver_overrides(driver: str) -> dict[str, Any]:
     return {"driver.kind": "serial" if is_serial_url(driver) else "visa", "driver.resource": driver}
 
 
-def link_stats(driver: Any) -> dict[str, int] | None:
-    from .run import link_stats as stats
-
-    return stats(driver)
-
-
 class _Bar:
     """A rich progress bar fed by the trainer: samples/s and running accuracy of the epoch."""
 
@@ -59,6 +53,8 @@ class _Bar:
             self.t0 = time.perf_counter()
         dt = time.perf_counter() - self.t0
         rate = (at.samples_trained - self.first) / dt if dt > 0 else 0.0
+        from .run import link_stats
+
         acc = at.correct / at.seen if at.seen else float("nan")
         link = link_stats(trainer.array.driver) if trainer.array is not None else None
         trouble = {k: v for k, v in (link or {}).items() if k != "round_trips" and v}

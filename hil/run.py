@@ -386,7 +386,7 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
             s.attach_log(run_dir, append=True)
             _relog_missing(s, t, rf)
             assert t.array is not None
-            t._set_log_step(t.at.step)  # noqa: SLF001 - the resume's read belongs to the step it resumes at
+            t.set_log_step(t.at.step)  # the resume's read belongs to the step it resumes at
             t.array.read(None, "resume")
             t.checkpoint()
             return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
@@ -412,11 +412,9 @@ def _resume_driver(cfg: RunConfig, driver: str) -> RunConfig:
 
 def _verify_log(path: Path) -> None:
     """The run log's checksummed rows must verify before a resume appends to it (drivers.runlog)."""
-    from drivers import runlog
+    from drivers.runlog import verify_log
 
-    verify = getattr(runlog, "verify_log", None)
-    if verify is not None:
-        verify(path)
+    verify_log(path)
 
 
 def _relog_missing(s: Session, t: Trainer, rf: Any) -> None:

@@ -131,7 +131,7 @@ class Trainer:
         aw.step = at.step
         aw.lr = self.lr_for(at.epoch)
         if self.logger is not None:
-            self._set_log_step(at.step)
+            self.set_log_step(at.step)
         rows = aw.accumulate(res.factors)
         prog = aw.plan_update(rows)
         self._pending = res.factors
@@ -142,7 +142,8 @@ class Trainer:
         else:
             aw.send(ProgramRecord(UPDATE, prog))
 
-    def _set_log_step(self, step: int) -> None:
+    def set_log_step(self, step: int) -> None:
+        """Reads and programs logged from here on belong to this step (a logged driver records it)."""
         drv = self.array.driver if self.array is not None else None
         if drv is not None and hasattr(drv, "step"):
             drv.step = step

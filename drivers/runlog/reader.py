@@ -199,6 +199,16 @@ class RunLogReader:
         ev = self._program_table()
         return {k: ev[k].copy() for k in ev.dtype.names}
 
+    def pulses_per_device(self, n_devices: int, exclude: Any = ()) -> npt.NDArray[np.int64]:
+        """SET + RESET pulses per device address of every logged program but those whose ids are in exclude
+        (e.g. summary.json's unapplied_program_ids): what the chip's own lifetime counters should show."""
+        skip = set(exclude)
+        pulses = np.zeros(n_devices, np.int64)
+        for _step, _t, p in self.programs():
+            if p.program_id not in skip:
+                np.add.at(pulses, p.addresses, p.set_counts + p.reset)
+        return pulses
+
     def programs(self) -> list[tuple[int, float, PulseProgram]]:
         """Every logged program as (step, t_s, program), in logged order."""
         ev = self._program_table()
