@@ -61,8 +61,15 @@ def chip_model(cfg: RunConfig) -> ChipModel:
     return ChipModel(params, granularity_us(params), eps_us, resp.mean_us)
 
 
-def layer_sizes(cfg: RunConfig, data: Dataset) -> list[int]:
-    return [data.n_features, *cfg.network.hidden, data.n_classes]
+def layer_shapes(cfg: RunConfig, data: Dataset) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of each analog layer of the run's network (hil/networks.py); for the MLP without making
+    its weights (a network too large for the array or the memory is refused by its shapes alone)."""
+    if cfg.network.kind == "mlp":
+        sizes = [data.n_features, *cfg.network.hidden, data.n_classes]
+        return list(zip(sizes[:-1], sizes[1:], strict=True))
+    from .networks import build_network
+
+    return build_network(cfg, data).shapes
 
 
 def betas(cfg: RunConfig, n_layers: int) -> list[float]:
@@ -114,12 +121,13 @@ def limits_in_force(cfg: RunConfig) -> SafetyLimits:
     return lim if cfg.driver.allow_wider_limits else lim.intersect(SafetyLimits())
 
 
-def make_driver(cfg: RunConfig, sizes: list[int], model: ChipModel) -> ArrayDriver:
-    """The array the config names: an in-process mock sized to the network, or a tester over VISA / serial."""
+def make_driver(cfg: RunConfig, shapes: list[tuple[int, int]], model: ChipModel) -> ArrayDriver:
+    """The array the config names: an in-process mock sized to the network's layers (fan_in, fan_out), or a
+    tester over VISA / serial, or a plugin."""
     d = cfg.driver
     if d.kind == "mock":
-        g = Mapping.required_geometry(sizes, cfg.mapping.row0, cfg.mapping.col0)
-        check_run_fits(g.n_devices, n_weights(sizes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip")
+        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0)
+        check_run_fits(g.n_devices, n_weights(shapes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip")
         mock = MockDriver(g.rows, g.cols, params=model.params, seed=d.seed, limits=limits_in_force(cfg),
                           analog_mvm=d.analog_mvm)
         if d.dry_run:
@@ -151,9 +159,9 @@ def make_driver(cfg: RunConfig, sizes: list[int], model: ChipModel) -> ArrayDriv
     return inner
 
 
-def n_weights(sizes: list[int]) -> int:
-    """Weights of the MLP with these layer sizes, bias rows included."""
-    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+def n_weights(shapes: list[tuple[int, int]]) -> int:
+    """Weights of layers with these (fan_in, fan_out), bias rows included."""
+    return sum((a + 1) * b for a, b in shapes)
 
 
 def check_shapes(cfg: RunConfig, limits: SafetyLimits) -> None:

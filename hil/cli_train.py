@@ -97,7 +97,7 @@ def train_cmd(
     baseline: Annotated[bool, typer.Option("--baseline", help="Also train the float64 software network (same init and data order).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="RUN_DIR to create (must not exist); default runs/train-<UTC time>.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this RUN_DIR from its checkpoint.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Data set: mnist or digits (overrides the config).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data set: mnist, digits or cifar10 (overrides the config).")] = None,
     train_limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N training samples.")] = None,
     test_limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N test samples.")] = None,
     seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of initialization and data order (overrides the config).")] = None,
@@ -248,7 +248,8 @@ def _total_samples(cfg: Any) -> int | None:
     """Samples of the whole run, for the progress bar (None where the data set is not loaded yet)."""
     from .data import load_digits
 
-    n = {"digits": lambda: len(load_digits(cfg.seed).y_train), "mnist": lambda: 60_000}[cfg.data.name]()
+    n = {"digits": lambda: len(load_digits(cfg.seed).y_train), "mnist": lambda: 60_000,
+         "cifar10": lambda: 50_000}[cfg.data.name]()
     if cfg.data.train_limit:
         n = min(n, cfg.data.train_limit)
     return n * cfg.update.epochs

@@ -32,22 +32,57 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
 
 
-class NetworkConfig(_Strict):
-    """Fully connected network: inputs (from the data set) -> hidden -> classes."""
+class CnnConfig(_Strict):
+    """network.kind = "cnn": LeNet-style, [conv, activation, 2x2 max-pool] per channels entry, then fully connected."""
 
-    hidden: list[Annotated[int, Strict(), Field(ge=1, le=100_000)]] = Field([250], description="Hidden layer widths.")
-    activation: Literal["sigmoid"] = Field("sigmoid", description="Hidden activation (the paper's MLP uses sigmoid).")
-    init_scale: float = Field(1.0, gt=0, description="Initial weights ~ U(-s*sqrt(6/(fan_in+fan_out)), +...), s = this.")
+    channels: list[Annotated[int, Strict(), Field(ge=1, le=4096)]] = Field([8, 16], min_length=1,
+                                                                          description="Output channels per conv layer.")
+    kernel: Int = Field(5, ge=1, le=15, description="Square kernel size of every conv layer.")
+    padding: Int = Field(0, ge=0, le=15, description="Zero padding of every conv layer.")
+    pool: Bool = Field(True, description="2x2 max-pool after each conv layer.")
+    fc: list[Annotated[int, Strict(), Field(ge=1, le=100_000)]] = Field([128], description="Hidden fully connected "
+                                                                                         "widths before the output.")
+    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
+
+
+class NetworkConfig(_Strict):
+    """The network (docs/networks.md): the paper's MLP, a LeNet-style CNN, or a torch module of your own."""
+
+    kind: Literal["mlp", "cnn", "module"] = Field("mlp", description="mlp: inputs -> hidden -> classes, sigmoid; "
+                                                 "cnn: [network.cnn]; module: network.module.")
+    hidden: list[Annotated[int, Strict(), Field(ge=1, le=100_000)]] = Field([250], description="mlp: hidden layer widths.")
+    activation: Literal["sigmoid"] = Field("sigmoid", description="mlp: hidden activation (the paper's MLP uses sigmoid).")
+    init_scale: float = Field(1.0, gt=0, description="mlp: initial weights ~ U(-s*sqrt(6/(fan_in+fan_out)), +...), s = this.")
+    cnn: CnnConfig = Field(default_factory=CnnConfig)
+    module: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                               description="kind = module: 'package.module:function', a function returning the "
+                                           "torch.nn.Module to train (network.options are its keyword arguments).")
+    options: dict[str, Any] = Field(default_factory=dict, description="kind = module: keyword arguments of the function.")
+    digital: list[str] = Field(default_factory=list, description="Module names (as named_modules() gives them) kept "
+                                                               "off the chip, trained by plain SGD.")
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> Self:
+        if (self.kind == "module") != (self.module is not None):
+            raise ValueError("network.module names the model of kind = \"module\", and only of it")
+        if self.options and self.kind != "module":
+            raise ValueError("network.options are passed to network.module only (network.kind = \"module\")")
+        if self.digital and self.kind == "mlp":
+            raise ValueError("network.digital: the mlp has every layer on the array; use kind = \"module\" to keep "
+                             "layers digital")
+        return self
 
 
 class DataConfig(_Strict):
     """Training data. MNIST is looked up at path, then $PCM_HIL_MNIST, then the offline copy, then downloaded."""
 
-    name: Literal["mnist", "digits"] = "mnist"
-    path: str | None = Field(None, description="Folder holding the four MNIST IDX .gz files.")
+    name: Literal["mnist", "digits", "cifar10"] = "mnist"
+    path: str | None = Field(None, description="mnist: folder holding the four MNIST IDX .gz files; cifar10: the "
+                                               "cifar-10-batches-py folder, the folder above it, or "
+                                               "cifar-10-python.tar.gz (else $PCM_HIL_CIFAR10); docs/data.md.")
     train_limit: Int | None = Field(None, ge=1, description="Use only the first N training samples.")
     test_limit: Int | None = Field(None, ge=1, description="Use only the first N test samples.")
-    download: Bool = Field(True, description="Download MNIST when no local copy exists.")
+    download: Bool = Field(True, description="Download MNIST when no local copy exists (MNIST only).")
 
 
 class DriverConfig(_Strict):
@@ -124,6 +159,8 @@ class UpdateConfig(_Strict):
                           "granularity (uS per pulse) times beta; \"auto\": measured on the chip (a probe at start, "
                           "then the read-backs), with the open-loop pulse table (docs/training.md).")
     max_pulses_per_update: Int = Field(8, ge=1, description="Cap on n per weight per step.")
+    torch_threads: Int = Field(1, ge=1, le=1024, description="torch intra-op threads of the torch model's steps "
+                                                            "(batch-1 steps run fastest on one).")
     path: Literal["auto", "fast", "module"] = Field("auto", description="fast: hand-vectorized numpy MLP (batch 1, "
                                                                         "host copy); module: torch modules; auto: fast where possible.")
 
@@ -206,6 +243,13 @@ class RunConfig(_Strict):
         data["driver"].pop("timeout_s", None)
         data["driver"].pop("reconnect_window_s", None)
         data["driver"].pop("options", None)  # a plugin's link settings; its identity is checked instead
+        net = data["network"]
+        if net.get("kind") == "mlp":
+            # the other kinds' options came later: an MLP run's digest stays what it was (old runs resume)
+            for k in ("kind", "cnn", "module", "options", "digital"):
+                net.pop(k, None)
+            if data["update"].get("torch_threads") == 1:
+                data["update"].pop("torch_threads")
         return hashlib.sha256(tomli_w.dumps(data).encode()).hexdigest()
 
     def with_overrides(self, **dotted: Any) -> RunConfig:

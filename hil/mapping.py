@@ -2,7 +2,8 @@
 
 A layer with fan_in inputs and fan_out outputs takes (fan_in + 1) rows (the last is the bias row,
 driven by an always-on input) and 2 * fan_out columns: G+ in the left block, G- in the right one.
-Layers sit side by side from (row0, col0). Addresses are flat: row * cols + col.
+Layers sit side by side from (row0, col0); one that does not fit beside the previous ones starts a new
+band of rows below them. A conv layer is a (in_channels * kh * kw + 1) x out_channels matrix. Addresses are flat: row * cols + col.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from functools import cached_property
 import numpy as np
 
 from drivers import Block, Geometry
+
+
+def shapes_of(sizes: list[int]) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of each layer of an MLP with these sizes (inputs, hidden..., outputs)."""
+    return list(zip(sizes[:-1], sizes[1:], strict=True))
 
 
 class MappingError(ValueError):
@@ -64,26 +70,45 @@ class Mapping:
     @staticmethod
     def required_geometry(sizes: list[int], row0: int = 0, col0: int = 0) -> Geometry:
         """Smallest array that holds a network with these layer sizes (inputs, hidden..., outputs)."""
-        rows = row0 + max(n + 1 for n in sizes[:-1])
-        cols = col0 + sum(2 * n for n in sizes[1:])
+        return Mapping.geometry_for(shapes_of(sizes), row0, col0)
+
+    @staticmethod
+    def geometry_for(shapes: list[tuple[int, int]], row0: int = 0, col0: int = 0) -> Geometry:
+        """Smallest array that holds layers of these (fan_in, fan_out) side by side (a simulated chip's size)."""
+        rows = row0 + max(i + 1 for i, _ in shapes)
+        cols = col0 + sum(2 * o for _, o in shapes)
         return Geometry(rows, cols)
 
     @classmethod
     def build(cls, sizes: list[int], betas: list[float], geometry: Geometry, row0: int = 0, col0: int = 0) -> Mapping:
-        """Place layers sizes[i] -> sizes[i+1] side by side; MappingError if the array is too small."""
-        need = cls.required_geometry(sizes, row0, col0)
-        if need.rows > geometry.rows or need.cols > geometry.cols:
-            raise MappingError(f"the network {'-'.join(map(str, sizes))} needs a {need.rows} x {need.cols} array "
-                               f"(from row {row0}, col {col0}); the chip is {geometry.rows} x {geometry.cols}")
+        """Place the MLP's layers sizes[i] -> sizes[i+1]; MappingError if the array is too small."""
+        return cls.build_layers(shapes_of(sizes), betas, geometry, row0, col0)
+
+    @classmethod
+    def build_layers(cls, shapes: list[tuple[int, int]], betas: list[float], geometry: Geometry, row0: int = 0,
+                     col0: int = 0, names: list[str] | None = None) -> Mapping:
+        """Place layers of these (fan_in, fan_out) side by side from (row0, col0); a layer that does not fit beside
+        the previous ones starts a new band of rows below them. MappingError names the first layer that does not fit."""
+        names = names if names is not None else [str(i) for i in range(len(shapes))]
         n = geometry.n_devices
         layer_of = np.full(n, -1, np.int16)
         weight_of = np.zeros(n, np.int64)
         sign_of = np.zeros(n, np.int8)
         layers = []
-        col = col0
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            pb = Block(row0, fan_in + 1, col, fan_out)
-            mb = Block(row0, fan_in + 1, col + fan_out, fan_out)
+        row, col, band = row0, col0, 0
+        for i, (fan_in, fan_out) in enumerate(shapes):
+            h, w = fan_in + 1, 2 * fan_out
+            if col + w > geometry.cols and col > col0:
+                row, col, band = row + band, col0, 0
+            if row + h > geometry.rows or col + w > geometry.cols:
+                need = cls.geometry_for(shapes, row0, col0)
+                desc = ", ".join(f"{nm} {a + 1}x{2 * b}" for nm, (a, b) in zip(names, shapes, strict=True))
+                raise MappingError(f"layer {names[i]} ({h} rows x {w} columns of devices) does not fit on the "
+                                   f"{geometry.rows} x {geometry.cols} array from row {row}, col {col}; the network "
+                                   f"({desc}) needs a {need.rows} x {need.cols} array side by side "
+                                   f"(from row {row0}, col {col0})")
+            pb = Block(row, h, col, fan_out)
+            mb = Block(row, h, col + fan_out, fan_out)
             plus, minus = _block_addresses(pb, geometry.cols), _block_addresses(mb, geometry.cols)
             widx = np.arange(plus.size, dtype=np.int64)
             for addr, s in ((plus, 1), (minus, -1)):
@@ -91,7 +116,8 @@ class Mapping:
                 weight_of[addr.ravel()] = widx
                 sign_of[addr.ravel()] = s
             layers.append(LayerMap(i, fan_in, fan_out, float(betas[i]), pb, mb, plus, minus))
-            col += 2 * fan_out
+            col += w
+            band = max(band, h)
         return cls(geometry, tuple(layers), layer_of, weight_of, sign_of)
 
     def table(self) -> np.ndarray:

@@ -20,18 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from drivers import ArrayDriver, MockDriver, SafetyLimits
+from drivers import MVM, ArrayDriver, MockDriver, SafetyLimits
 from sim.files import write_atomic
 
 from . import __version__
 from .array import ArrayWeights
-from .chip import (ChipModel, betas, check_shapes, chip_model, eps_per_layer, journal_fsync, layer_sizes,
+from .chip import (ChipModel, betas, check_shapes, chip_model, eps_per_layer, journal_fsync, layer_shapes,
                    limits_in_force, make_driver, n_weights, require_calibration, run_warnings)
 from .config import RunConfig, load_config
 from .data import Dataset, load_dataset
 from .journal import read_journal
 from .logs import run_log_file
 from .mapping import Mapping
+from .networks import build_network
 from .reconcile import check_ledger, check_program_ids, expected_ledger, journaled_program_ids
 from .sizing import check_run_fits
 from .trainer import CheckpointError, Trainer, load_checkpoint, restore, roll_forward
@@ -127,9 +128,9 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
                   append_log: bool, model: ChipModel, log: bool = True, first_program_id: int = 1) -> Session:
     """Mapping and ArrayWeights around inner, and the trainer that uses them; with log (and a run_dir),
     the run log is attached at once, else later with Session.attach_log."""
-    sizes = layer_sizes(cfg, data)
-    beta = betas(cfg, len(sizes) - 1)
-    mapping = Mapping.build(sizes, beta, inner.geometry, cfg.mapping.row0, cfg.mapping.col0)
+    net = build_network(cfg, data, torch_model=True if MVM in inner.capabilities else None)
+    beta = betas(cfg, len(net.shapes))
+    mapping = Mapping.build_layers(net.shapes, beta, inner.geometry, cfg.mapping.row0, cfg.mapping.col0, net.names)
     eps = eps_per_layer(cfg, model, beta)
     attrs = {"config_toml": cfg.to_toml(), "safety_limits_json": inner.limits.model_dump_json(),
              "instrument_identity": inner.identity, "package_version": __version__, "git_commit": git_commit(),
@@ -138,11 +139,13 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
              "refresh_check_every_steps": cfg.refresh.check_every_steps, "refresh_mode": cfg.refresh.mode,
              "limits_widened_json": json.dumps(cfg.driver.limits.wider_than(SafetyLimits())
                                                if cfg.driver.allow_wider_limits else []),
-             "warnings_json": json.dumps(run_warnings(cfg, model, beta, eps))}
+             "warnings_json": json.dumps(run_warnings(cfg, model, beta, eps)),
+             "network_kind": net.kind, "network_layers_json": json.dumps(
+                 [{"name": n, "fan_in": i, "fan_out": o} for n, (i, o) in zip(net.names, net.shapes, strict=True)])}
     aw = ArrayWeights(inner, mapping, eps, cfg.update.lr, cfg.update.max_pulses_per_update, cfg.driver.shapes,
                       model.mean_response_us, cfg.read_policy, cfg.refresh, first_program_id=first_program_id,
                       response_law=model.law)
-    trainer = Trainer(cfg, data, array=aw, journal_dir=run_dir, logger=None)
+    trainer = Trainer(cfg, data, array=aw, journal_dir=run_dir, logger=None, network=net)
     trainer.journal_fsync = journal_fsync(cfg)
     s = Session(trainer, inner, inner, None, cfg, attrs)
     if log and run_dir is not None:
@@ -204,12 +207,12 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
     require_calibration(cfg)
     data = _load_data(cfg)
     model = chip_model(cfg)
-    sizes = layer_sizes(cfg, data)
-    eps_per_layer(cfg, model, betas(cfg, len(sizes) - 1))  # ConfigError before any chip is touched
-    inner = make_driver(cfg, sizes, model)
+    shapes = layer_shapes(cfg, data)
+    eps_per_layer(cfg, model, betas(cfg, len(shapes)))  # ConfigError before any chip is touched
+    inner = make_driver(cfg, shapes, model)
     try:
         g = inner.geometry
-        check_run_fits(g.n_devices, n_weights(sizes), simulated_chip=False, what=f"the {g.rows} x {g.cols} array")
+        check_run_fits(g.n_devices, n_weights(shapes), simulated_chip=False, what=f"the {g.rows} x {g.cols} array")
         check_shapes(cfg, inner.limits)
         s = build_session(cfg, data, run_dir, inner, append_log=False, model=model, log=False,
                           first_program_id=_tester_last_id(inner) + 1)
@@ -343,15 +346,15 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
         _verify_log(run_dir / LOG_FILE)
     data = _load_data(cfg)
     model = chip_model(cfg)
-    sizes = layer_sizes(cfg, data)
+    shapes = layer_shapes(cfg, data)
     reapply = meta.get("chip") is not None
     if reapply:
-        g = Mapping.required_geometry(sizes, cfg.mapping.row0, cfg.mapping.col0)
+        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0)
         d = cfg.driver
         inner: ArrayDriver = MockDriver.from_state(run_dir / meta["chip"], g.rows, g.cols, seed=d.seed,
                                                    limits=limits_in_force(cfg), analog_mvm=d.analog_mvm)
     else:
-        inner = make_driver(cfg, sizes, model)
+        inner = make_driver(cfg, shapes, model)
     try:
         if inner.identity != meta["identity"]:
             raise CheckpointError(f"the run was made on {meta['identity']!r}; this driver is {inner.identity!r}: "

@@ -7,8 +7,9 @@ software reference of the same run. See docs/training.md and docs/checkpoint.md.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,17 @@ import numpy as np
 from drivers import MVM, ArrayDriver, PulseProgram
 from sim.files import npz_bytes, read_npz, write_atomic
 
+import torch
+from torch.nn import functional as F
+
+from .analog import AnalogLayer, HostWeights
 from .array import UPDATE, ArrayProducts, ArrayWeights, ProgramRecord
 from .config import RunConfig
 from .data import Dataset, epoch_order
 from .journal import Journal, read_journal
 from . import response
-from .network import (AnalogMLP, Factors, HostWeights, StepResult, accumulate, fast_forward, fast_step,
-                      init_weights, module_forward, module_step)
+from .network import Factors, StepResult, accumulate, fast_forward, fast_step
+from .networks import Network, build_network
 
 CHECKPOINT = "checkpoint.npz"
 CHECKPOINT_FORMAT = "pcm-hil-checkpoint"
@@ -51,15 +56,56 @@ class Position:
 ProgressFn = Callable[["Trainer"], None]
 
 
+#: Test samples per forward pass at evaluation on the module path (a conv layer's patches of 2,000 MNIST images
+#: would take hundreds of MB).
+MODULE_EVAL_BATCH = 250
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block (None: unchanged). A batch-1 step is a chain of tiny ops
+    that extra threads only slow down (6x on 2 cores for the digits CNN)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def module_step(model: torch.nn.Module, layers: list[AnalogLayer], x: np.ndarray, y: np.ndarray) -> StepResult:
+    """Forward and backward through the torch model (softmax cross-entropy, mean over the batch): predicted
+    classes and each analog layer's factors; digital parameters keep their .grad for the caller."""
+    logits = model(torch.from_numpy(np.ascontiguousarray(x, np.float64)))
+    F.cross_entropy(logits, torch.from_numpy(y)).backward()
+    return StepResult(logits.detach().numpy().argmax(axis=1), [layer.take_factors() for layer in layers])
+
+
+def module_forward(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """Logits of the torch model for inputs x (batch, features), no gradient."""
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x, np.float64))).numpy()
+
+
 class Trainer:
-    """Mixed-precision training of the MLP on an array (weights=None) or the float64 baseline."""
+    """Mixed-precision training of a network on an array, or (array=None) its float64 baseline.
+
+    network: what build_network(cfg, data) gives (built here if None). The MLP on the fast path is
+    numpy (hil/network.py); every other network runs through its torch model (hil/analog.py).
+    """
 
     def __init__(self, cfg: RunConfig, data: Dataset, *, array: ArrayWeights | None = None,
-                 journal_dir: Path | None = None, logger: Any = None) -> None:
+                 journal_dir: Path | None = None, logger: Any = None, network: Network | None = None) -> None:
         self.cfg = cfg
         self.data = data
-        self.sizes = [data.n_features, *cfg.network.hidden, data.n_classes]
-        self.w0 = init_weights(self.sizes, cfg.seed, cfg.network.init_scale)
+        use_mvm = array is not None and MVM in array.driver.capabilities
+        if network is None:
+            network = build_network(cfg, data, torch_model=True if use_mvm else None)
+        self.net = network
+        self.w0 = network.w0
         self.array = array
         self.logger = logger  # RunLogWriter or None
         self.journal_dir = journal_dir
@@ -78,19 +124,27 @@ class Trainer:
         self._pending: Factors | None = None
         self._pending_cols: list[np.ndarray] = []
         self._pending_meta: dict[str, Any] = {}
-        use_mvm = array is not None and MVM in array.driver.capabilities
-        path = cfg.update.path
-        self.path = "module" if (use_mvm or path == "module") else "fast"
-        if self.path == "module":
+        self._pending_idx: np.ndarray | None = None
+        self.model = network.model
+        self.path = "fast" if self.model is None else "module"
+        if use_mvm and self.model is None:
+            raise ValueError("a driver with an analog multiply needs the network's torch model (build_network(..., "
+                             "torch_model=True))")
+        for i, layer in enumerate(network.layers):
             if use_mvm:
                 assert array is not None
-                sources = [ArrayProducts(array.driver, lm.plus_block, lm.minus_block, lm.beta)
-                           for lm in array.mapping.layers]
+                lm = array.mapping.layers[i]
+                layer.source = ArrayProducts(array.driver, lm.plus_block, lm.minus_block, lm.beta)
             else:
-                sources = [HostWeights(w) for w in self.weights]
-            self.model: AnalogMLP | None = AnalogMLP(self.sizes, sources)
-        else:
-            self.model = None
+                layer.source = HostWeights(self.weights[i])
+        # How the journal lets a resume roll chi forward (docs/checkpoint.md): "factors" stores each step's
+        # (A, D), sparse for the MLP; "recompute" stores the step's samples and the conductances that changed
+        # since the last record, and the resume recomputes the step (a conv layer's factors are far larger).
+        self.journal_mode = "factors" if (network.kind == "mlp" or use_mvm) else "recompute"
+        self._g_changed: list[np.ndarray] = []
+        self._g_all = False
+        self._seed_each_step = self.model is not None and any(
+            isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in self.model.modules())
         if array is not None:
             array.on_program = self._journal_program
             if cfg.checkpoint.audit:
@@ -102,20 +156,38 @@ class Trainer:
         u = self.cfg.update
         return u.lr * u.lr_decay ** epoch
 
-    def forward_backward(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        if self.model is not None:
-            return module_step(self.model, x, y)
-        return fast_step(self.weights, x, y)
+    def forward_backward(self, x: np.ndarray, y: np.ndarray, step: int = 0, lr: float = 0.0) -> StepResult:
+        """The step's predictions and analog factors; digital parameters take their SGD step (lr) here.
+
+        On the module path torch's generator is seeded by (seed, step), so a stochastic layer (dropout)
+        draws the same at a resume's recomputation as it did live.
+        """
+        if self.model is None:
+            return fast_step(self.weights, x, y)
+        if self._seed_each_step:
+            torch.manual_seed((self.cfg.seed * 1_000_003 + step) % 2**63)
+        res = module_step(self.model, self.net.layers, x, y)
+        with torch.no_grad():
+            for p in self.net.digital.values():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-lr)
+                    p.grad = None
+        return res
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self.model is not None:
-            return module_forward(self.model, x).argmax(axis=1)
+            if self.model.training:
+                self.model.eval()
+            try:
+                return module_forward(self.model, x).argmax(axis=1)
+            finally:
+                self.model.train()
         return fast_forward(self.weights, x).argmax(axis=1)
 
     def train_step(self, idx: np.ndarray) -> None:
         """Forward, backward and update on the samples idx; journaled before any pulse is sent."""
         x, y = self.data.x_train[idx], self.data.y_train[idx]
-        res = self.forward_backward(x, y)
+        res = self.forward_backward(x, y, self.at.step + 1, self.lr_for(self.at.epoch))
         at = self.at
         at.step += 1
         at.pos += len(idx)
@@ -135,6 +207,7 @@ class Trainer:
         rows = aw.accumulate(res.factors)
         prog = aw.plan_update(rows)
         self._pending = res.factors
+        self._pending_idx = idx
         self._pending_cols = [r for r, _ in rows]
         self._pending_meta = {"correct": correct, "n": len(idx)}
         if prog is None:
@@ -156,14 +229,17 @@ class Trainer:
         if rec is None or rec.kind == UPDATE:
             assert self._pending is not None
             meta.update(kind=UPDATE, **self._pending_meta)
-            for i, ((a, d), cols) in enumerate(zip(self._pending, self._pending_cols, strict=True)):
-                if 2 * cols.size < a.shape[1]:
-                    # Only A's nonzero columns (the rows of chi the step touched) matter: store them, and which.
-                    arrays[f"a{i}_cols"] = cols
-                    arrays[f"a{i}"] = a[:, cols]
-                else:
-                    arrays[f"a{i}"] = a
-                arrays[f"d{i}"] = d
+            if self.journal_mode == "recompute":
+                self._journal_inputs(arrays)
+            else:
+                for i, ((a, d), cols) in enumerate(zip(self._pending, self._pending_cols, strict=True)):
+                    if 2 * cols.size < a.shape[1]:
+                        # Only A's nonzero columns (the rows of chi the step touched) matter: store them, and which.
+                        arrays[f"a{i}_cols"] = cols
+                        arrays[f"a{i}"] = a[:, cols]
+                    else:
+                        arrays[f"a{i}"] = a
+                    arrays[f"d{i}"] = d
             self._pending = None
         else:
             meta["kind"] = rec.kind
@@ -171,7 +247,25 @@ class Trainer:
             p = rec.program
             meta["program_id"] = p.program_id
             arrays.update(addresses=p.addresses, set_counts=p.set_counts, reset=p.reset)
+            if self.journal_mode == "recompute":
+                self._g_changed.append(p.addresses)  # its read-back moves them
         self.journal.append(meta, arrays)
+
+    def _journal_inputs(self, arrays: dict[str, np.ndarray]) -> None:
+        """What a recomputation of this step needs besides the checkpoint: its samples, and the host copy of
+        every conductance read since the previous record (the weights this step's forward pass used)."""
+        aw = self.array
+        assert aw is not None and self._pending_idx is not None
+        arrays["idx"] = np.asarray(self._pending_idx, np.int64)
+        if self._g_all:
+            addr = aw.mapping.addresses
+        elif self._g_changed:
+            addr = np.unique(np.concatenate(self._g_changed))
+        else:
+            addr = np.zeros(0, np.int64)
+        arrays["g_addr"] = addr.astype(np.int32 if aw.mapping.geometry.n_devices < 2**31 else np.int64)
+        arrays["g_val"] = aw.g[addr]
+        self._g_changed, self._g_all = [], False
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self) -> float:
@@ -180,13 +274,18 @@ class Trainer:
             self.array.read(None, "evaluation")
         x, y = self.data.x_test, self.data.y_test
         correct = 0
-        for lo in range(0, len(y), 2000):
-            correct += int(np.sum(self.predict(x[lo:lo + 2000]) == y[lo:lo + 2000]))
+        n = 2000 if self.model is None else MODULE_EVAL_BATCH
+        for lo in range(0, len(y), n):
+            correct += int(np.sum(self.predict(x[lo:lo + n]) == y[lo:lo + n]))
         return correct / max(len(y), 1)
 
     def run(self, progress: ProgressFn | None = None, progress_every: int = 200,
             stop_after_steps: int | None = None) -> None:
         """Train until cfg.update.epochs are done (or stop_after_steps more steps, for tests and benchmarks)."""
+        with torch_threads(self.cfg.update.torch_threads if self.model is not None else None):
+            self._run(progress, progress_every, stop_after_steps)
+
+    def _run(self, progress: ProgressFn | None, progress_every: int, stop_after_steps: int | None) -> None:
         cfg = self.cfg
         n = len(self.data.y_train)
         bs = cfg.update.batch_size
@@ -219,6 +318,7 @@ class Trainer:
         every = self.cfg.read_policy.every_steps
         if every and s % every == 0:
             self.array.read(None, "periodic")
+            self._g_all = True
         r = self.cfg.refresh
         if r.enabled and s % r.check_every_steps == 0:
             n = self.array.refresh()
@@ -316,6 +416,8 @@ class Trainer:
         }
         # What the chip's own lifetime counters must say of the mapped devices (checked at resume).
         arrays = {"g": aw.g, "ledger": np.asarray(aw.driver.lifetime_pulses)[aw.mapping.addresses]}
+        for name, p in self.net.digital.items():
+            arrays[f"digital.{name}"] = p.detach().numpy()
         for i in range(len(aw.chi)):
             arrays[f"chi{i}"] = aw.chi[i]
             arrays[f"net{i}"] = aw.net_pulses[i]
@@ -327,6 +429,7 @@ class Trainer:
         meta["response"] = resp_meta
         arrays.update(resp_arrays, since_reset=aw.since_reset, mean_response_us=aw.mean_response_us)
         write_atomic(self._ck_path(), npz_bytes(meta, arrays))
+        self._g_changed, self._g_all = [], False  # the checkpoint holds g
         old = self.journal
         if old is not None:
             old.close()
@@ -411,8 +514,14 @@ def restore(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray
             aw.net_pulses[i][:] = arrays[f"net{i}"]
             if aw.total_update is not None:
                 aw.total_update[i][:] = arrays[f"total{i}"]
-    except (KeyError, ValueError) as e:
+        with torch.no_grad():
+            for name, p in trainer.net.digital.items():
+                p.copy_(torch.from_numpy(arrays[f"digital.{name}"]))
+    except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint arrays do not fit this network: {e}") from None
+    for lm, w in zip(aw.mapping.layers, aw.w, strict=True):
+        np.subtract(aw.g[lm.plus], aw.g[lm.minus], out=w)
+        w *= lm.beta
     trainer.at = Position(**meta["position"])
     aw.next_program_id = int(meta["next_program_id"])
     for k, v in meta["counters"].items():
@@ -459,6 +568,23 @@ def _journaled_input(arrays: dict[str, np.ndarray], layer: int, fan_in: int) -> 
     return dense
 
 
+def _recompute_step(trainer: Trainer, meta: dict[str, Any], arr: dict[str, np.ndarray]) -> StepResult:
+    """A "recompute" record's step again: the host copy takes the conductances the record holds, then the same
+    forward and backward pass on the same samples (digital parameters step too) gives the same factors."""
+    aw = trainer.array
+    assert aw is not None
+    addr = arr["g_addr"].astype(np.int64)
+    if addr.size:
+        aw.g[addr] = arr["g_val"]
+        for lm, w in zip(aw.mapping.layers, aw.w, strict=True):
+            np.subtract(aw.g[lm.plus], aw.g[lm.minus], out=w)
+            w *= lm.beta
+    idx = arr["idx"]
+    step = int(meta["step"])
+    return trainer.forward_backward(trainer.data.x_train[idx], trainer.data.y_train[idx], step,
+                                    trainer.lr_for(int(meta["epoch"])))
+
+
 @dataclass
 class RollForward:
     """What a resume found in the journal."""
@@ -491,7 +617,10 @@ def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool
         if kind == UPDATE:
             n_layers = len(aw.chi)
             aw.lr = trainer.lr_for(int(meta["epoch"]))
-            aw.accumulate([(_journaled_input(arr, j, aw.chi[j].shape[0]), arr[f"d{j}"]) for j in range(n_layers)])
+            if "idx" in arr:
+                aw.accumulate(_recompute_step(trainer, meta, arr).factors)
+            else:
+                aw.accumulate([(_journaled_input(arr, j, aw.chi[j].shape[0]), arr[f"d{j}"]) for j in range(n_layers)])
             at = trainer.at
             at.step, at.epoch, at.pos = int(meta["step"]), int(meta["epoch"]), int(meta["pos"])
             at.seen += int(meta["n"])

@@ -49,6 +49,14 @@ seed = 3
 """
 
 
+# The CNN (network.kind = "cnn"): a conv layer (3x3, 8 channels: 10 x 8 weights) and the output layer (129 x 10);
+# its journal stores samples and read-backs, and a resume recomputes the steps (docs/checkpoint.md).
+CNN_CONFIG = CONFIG.replace("[network]\nhidden = [16]\n", "[network]\nkind = \"cnn\"\n[network.cnn]\nchannels = [8]\n"
+                            "kernel = 3\npadding = 1\nfc = []\n").replace("lr = 0.1\n", "lr = 0.03\n")
+CNN_DEVICES = 129 * 36
+assert 'kind = "cnn"' in CNN_CONFIG and "lr = 0.03" in CNN_CONFIG
+
+
 def _train(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hil.cli", "train", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, COLUMNS="120"))
@@ -91,8 +99,8 @@ def _run_with_kills(start_args: list[str], resume_args: list[str], run_dir: Path
 def _applied_programs(run_dir: Path, unapplied: set[int]):
     with RunLogReader(run_dir / "run.h5") as r:
         progs = [p for _, _, p in r.programs()]
-        plus = [r.array("mapping/layer0_gplus"), r.array("mapping/layer1_gplus")]
-        minus = [r.array("mapping/layer0_gminus"), r.array("mapping/layer1_gminus")]
+        plus = [r.array(f"mapping/layer{i}_gplus") for i in range(2)]
+        minus = [r.array(f"mapping/layer{i}_gminus") for i in range(2)]
     ids = [p.program_id for p in progs]
     assert ids == sorted(ids) and len(set(ids)) == len(ids), "program ids must increase strictly in the log"
     return [p for p in progs if p.program_id not in unapplied], plus, minus
@@ -158,6 +166,26 @@ def test_kill9_resume_emulated_tester_pulse_counts_match(tmp_path: Path) -> None
                                  ["--resume", str(run), "--driver", emu.resource], run, kills=3, seed=12)
         assert killed >= 1
         per_device = _check_accounting(run, 65 * 52)
+        with TesterDriver.open(emu.resource) as t:
+            applied_by_emulator = t.tester_lifetime_pulses()
+    np.testing.assert_array_equal(applied_by_emulator, per_device)
+
+
+@pytest.mark.slow
+def test_kill9_resume_cnn_emulated_tester_pulse_counts_match(tmp_path: Path) -> None:
+    """The CNN's resume recomputes the journaled steps: the same exactness as the MLP's factors give."""
+    from drivers.tester import TesterDriver
+    from hil.cli_emulator import EmulatorProcess
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(CNN_CONFIG)
+    run = tmp_path / "run"
+    with EmulatorProcess(["--rows", "129", "--cols", "36", "--seed", "3"]) as emu:
+        killed = _run_with_kills(["--config", str(cfg), "--out", str(run), "--driver", emu.resource,
+                                  "--set", "driver.uncalibrated_ok=true"],
+                                 ["--resume", str(run), "--driver", emu.resource], run, kills=3, seed=13)
+        assert killed >= 1
+        per_device = _check_accounting(run, CNN_DEVICES)
         with TesterDriver.open(emu.resource) as t:
             applied_by_emulator = t.tester_lifetime_pulses()
     np.testing.assert_array_equal(applied_by_emulator, per_device)

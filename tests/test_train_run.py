@@ -14,7 +14,10 @@ from drivers.runlog import RunLogReader
 from hil.cli import app
 from hil.config import RunConfig
 from hil.data import load_digits
-from hil.network import AnalogMLP, HostWeights, fast_step, init_weights, module_step
+from hil.analog import analog_layers, convert
+from hil.network import fast_step, init_weights
+from hil.networks import mlp_module
+from hil.trainer import module_step
 from hil.run import RunDirError, resume_run, start_run
 from hil.trainer import CheckpointError
 
@@ -31,10 +34,13 @@ def test_fast_path_equals_module_path() -> None:
     data = load_digits(0)
     sizes = [64, 16, 10]
     w = init_weights(sizes, seed=3)
-    model = AnalogMLP(sizes, [HostWeights(x) for x in w])
+    model = convert(mlp_module(sizes))
+    layers = [m for _, m in analog_layers(model)]
+    for layer, x in zip(layers, w, strict=True):
+        layer.source.w[:] = x  # type: ignore[attr-defined]
     for batch in (1, 5):
         x, y = data.x_train[:batch], data.y_train[:batch]
-        a, b = fast_step(w, x, y), module_step(model, x, y)
+        a, b = fast_step(w, x, y), module_step(model, layers, x, y)
         np.testing.assert_array_equal(a.predicted, b.predicted)
         for (fa, fd), (ma, md) in zip(a.factors, b.factors, strict=True):
             np.testing.assert_allclose(fa, ma, rtol=1e-12, atol=1e-15)

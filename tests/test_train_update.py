@@ -14,7 +14,7 @@ from hil.array import _sorted_unique, pulse_threshold
 from hil.config import RunConfig
 from hil.data import load_digits
 from hil.journal import read_journal
-from hil.run import build_session, chip_model, layer_sizes, make_driver
+from hil.run import build_session, chip_model, layer_shapes, make_driver
 from hil.trainer import load_checkpoint, restore, roll_forward
 
 
@@ -34,7 +34,7 @@ def _trained_state(reverse_mapping: bool) -> tuple[list[np.ndarray], ...]:
                                         "refresh.check_every_steps": 25, "refresh.threshold_us": 6.0, "seed": 2})
     data = load_digits(cfg.seed)
     model = chip_model(cfg)
-    s = build_session(cfg, data, None, make_driver(cfg, layer_sizes(cfg, data), model), append_log=False, model=model)
+    s = build_session(cfg, data, None, make_driver(cfg, layer_shapes(cfg, data), model), append_log=False, model=model)
     try:
         aw = s.trainer.array
         assert aw is not None
@@ -70,7 +70,7 @@ def test_roll_forward_of_journaled_factors_gives_the_live_chi(tmp_path: Path) ->
     model = chip_model(cfg)
 
     def session(run_dir: Path):
-        return build_session(cfg, data, run_dir, make_driver(cfg, layer_sizes(cfg, data), model),
+        return build_session(cfg, data, run_dir, make_driver(cfg, layer_shapes(cfg, data), model),
                              append_log=False, model=model)
 
     live = session(tmp_path)
