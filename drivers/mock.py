@@ -19,6 +19,9 @@ from .program import Block, Geometry, PulseProgram, ReadResult
 from .safety import SafetyLimits
 
 
+_MVM_ONLY, _NONE = frozenset({MVM}), frozenset()
+
+
 class MockTiming(BaseModel):
     """How long each operation takes on the simulated clock (s)."""
 
@@ -46,6 +49,7 @@ class MockDriver(ArrayDriver):
         self._last_id: int | None = None
         self._analog_mvm = analog_mvm
         self._seed = seed
+        self._pulse_ns: tuple = (None, None)
 
     @classmethod
     def from_state(cls, path: str | Path, rows: int, cols: int, **kwargs) -> MockDriver:
@@ -59,7 +63,7 @@ class MockDriver(ArrayDriver):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset({MVM}) if self._analog_mvm else frozenset()
+        return _MVM_ONLY if self._analog_mvm else _NONE
 
     def advance(self, seconds: float) -> None:
         """Let simulated time pass (s), e.g. to study drift between operations."""
@@ -77,10 +81,14 @@ class MockDriver(ArrayDriver):
         t = self._t
         # ArrayDriver.check_program validated the program; the chip need not check it again.
         self.chip.apply(program.addresses, program.set_counts, program.reset, t, validate=False)
-        s = program.shapes
-        gap = self.timing.pulse_gap_ns
-        busy_ns = program.set_pulses * (s.set.width_ns + gap) + program.reset_pulses * (s.reset.width_ns + gap)
-        self._t += self.timing.command_overhead_s + busy_ns * 1e-9
+        s, timing = program.shapes, self.timing
+        if s is not self._pulse_ns[0] or timing is not self._pulse_ns[1]:
+            # Per (frozen) shapes and timing: each pulse's width plus the gap, ns, and the fixed overhead, s.
+            gap = timing.pulse_gap_ns
+            self._pulse_ns = (s, timing, s.set.width_ns + gap, s.reset.width_ns + gap, timing.command_overhead_s)
+        _, _, set_ns, reset_ns, overhead_s = self._pulse_ns
+        busy_ns = program.set_pulses * set_ns + program.reset_pulses * reset_ns
+        self._t += overhead_s + busy_ns * 1e-9
         self._last_id = program.program_id
 
     def _last_program_id(self) -> int | None:

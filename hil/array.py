@@ -154,6 +154,8 @@ class ArrayWeights:
         self.auto: dict | None = None
         # Audit with an eps that moved: total = chi + eps * net + eps_offset (see set_eps).
         self.eps_offset: list[np.ndarray] | None = None
+        # Flat views of each layer's G+ and G- addresses (the mapping never changes).
+        self._pair_flat = [(lm.plus.ravel(), lm.minus.ravel()) for lm in mapping.layers]
 
     # ------------------------------------------------------------------ reads
     def _reason(self, reason: str) -> contextlib.AbstractContextManager:
@@ -288,18 +290,29 @@ class ArrayWeights:
         touched is accumulate()'s result, and is used up: its chi copies are overwritten with |chi|.
         """
         addr_parts, count_parts, parts = [], [], []
-        for lm, eps, chi, (rows, sub) in zip(self.mapping.layers, self.eps, self.chi, touched, strict=True):
+        for lm, eps, chi, (rows, sub), (plus_flat, minus_flat) in zip(self.mapping.layers, self.eps, self.chi, touched,
+                                                                      self._pair_flat, strict=True):
             if rows.size == 0:
                 continue
             q = np.abs(sub, out=sub).ravel()  # in place: the copy is still in cache, a new array would not be
             hit = (q >= pulse_threshold(eps)).nonzero()[0]  # a flat bool scan: the few weights that pulse
             if hit.size == 0:
                 continue
-            r, c = np.divmod(hit, sub.shape[1])
-            widx = rows[r] * sub.shape[1] + c
-            counts = np.minimum(np.floor(q[hit] * (1.0 / eps)), self.max_pulses).astype(np.int64)
+            if rows.size == chi.shape[0]:
+                widx = hit  # every row touched (rows is 0 .. n-1): the flat positions are the weight indices
+            else:
+                ncols = sub.shape[1]
+                r, c = np.divmod(hit, ncols)
+                widx = rows[r]
+                widx *= ncols
+                widx += c
+            counts = q[hit]
+            counts *= 1.0 / eps
+            np.floor(counts, out=counts)
+            np.minimum(counts, self.max_pulses, out=counts)
+            counts = counts.astype(np.int64)
             pos = chi.ravel()[widx] > 0
-            plus, minus = lm.plus.ravel()[widx], lm.minus.ravel()[widx]
+            plus, minus = plus_flat[widx], minus_flat[widx]
             addr_parts.append(np.where(pos, plus, minus))
             count_parts.append(counts)
             parts.append(LayerPulses(lm.index, widx, np.where(pos, counts, -counts), plus, minus))
@@ -309,7 +322,10 @@ class ArrayWeights:
             addr, counts = addr_parts[0], count_parts[0]
         else:
             addr, counts = np.concatenate(addr_parts), np.concatenate(count_parts)
-        prog = self._new_program(addr, counts, np.zeros(addr.size, np.bool_))
+        reset = np.zeros(addr.size, np.bool_)
+        # Fresh arrays nothing else writes: read-only already, PulseProgram keeps them instead of copying.
+        addr.flags.writeable = counts.flags.writeable = reset.flags.writeable = False
+        prog = self._new_program(addr, counts, reset)
         self._planned = (prog, parts)
         return prog
 

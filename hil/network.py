@@ -27,15 +27,26 @@ def with_bias(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    # exp of the negative magnitude never overflows
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+def sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """1 / (1 + exp(-z)) as where(z >= 0, 1 / (1 + e), e / (1 + e)) with e = exp(-|z|) (never overflows).
+
+    Computed as where(z >= 0, 1, e) / (1 + e): the same divisions of the same operands, bit for bit, in
+    fewer passes and temporaries. out: where to write it (same shape, float64), else a new array.
+    """
+    e = np.abs(z)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    t = e + 1.0
+    np.copyto(e, 1.0, where=z >= 0)
+    return np.divide(e, t, out=out)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    """Softmax along axis 1, computed in z's place (z is used up): exp(z - max) / sum."""
+    np.subtract(z, z.max(axis=1, keepdims=True), out=z)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 def init_weights(sizes: Sequence[int], seed: int, scale: float = 1.0) -> list[np.ndarray]:
@@ -58,33 +69,44 @@ class StepResult:
     factors: Factors
 
 
+def _hidden_with_bias(ab: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """with_bias(sigmoid(ab @ w)), the sigmoid written straight into the next layer's input."""
+    z = ab @ w
+    out = np.empty((z.shape[0], z.shape[1] + 1), np.float64)
+    out[:, -1] = 1.0
+    sigmoid(z, out=out[:, :-1])
+    return out
+
+
 def fast_forward(weights: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
     """Logits (batch, classes) of the sigmoid MLP for inputs x (batch, features)."""
-    a = x
+    ab = with_bias(x)
     for w in weights[:-1]:
-        a = sigmoid(with_bias(a) @ w)
-    return with_bias(a) @ weights[-1]
+        ab = _hidden_with_bias(ab, w)
+    return ab @ weights[-1]
 
 
 def fast_step(weights: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray) -> StepResult:
     """Hand-vectorized forward and backward pass of the sigmoid MLP (numpy, float64)."""
-    acts = []
-    a = x
+    ab = with_bias(x)
+    acts = [ab]
     for w in weights[:-1]:
-        ab = with_bias(a)
+        ab = _hidden_with_bias(ab, w)
         acts.append(ab)
-        a = sigmoid(ab @ w)
-    ab = with_bias(a)
-    acts.append(ab)
-    p = softmax(ab @ weights[-1])
-    predicted = p.argmax(axis=1)
-    d = p
-    d[np.arange(len(y)), y] -= 1.0
-    d /= len(y)
+    d = softmax(ab @ weights[-1])
+    predicted = d.argmax(axis=1)
+    n = len(y)
+    if n == 1:
+        d[0, y[0]] -= 1.0  # and d /= 1 changes nothing
+    else:
+        d[np.arange(n), y] -= 1.0
+        d /= n
     deltas = [d]
     for i in range(len(weights) - 1, 0, -1):
         h = acts[i][:, :-1]
-        d = (d @ weights[i][:-1].T) * h * (1.0 - h)
+        d = d @ weights[i][:-1].T
+        d *= h
+        d *= 1.0 - h
         deltas.append(d)
     deltas.reverse()
     return StepResult(predicted, list(zip(acts, deltas, strict=True)))
@@ -194,6 +216,18 @@ def accumulate(target: np.ndarray, a: np.ndarray, d: np.ndarray, lr: float) -> n
 
 def accumulate_rows(target: np.ndarray, a: np.ndarray, d: np.ndarray, lr: float) -> tuple[np.ndarray, np.ndarray]:
     """accumulate(), also returning the touched rows' new values (a copy), so a caller can scan them without a second gather."""
+    if a.shape[0] == 1:
+        # Batch 1: a^T d is an outer product, each element one rounded product as the matmul makes it (the
+        # matmul may differ only in the sign of a zero product, and adding a zero of either sign to chi or a
+        # weight gives the same value: neither is ever -0.0). np.multiply.outer is 2x faster than BLAS here.
+        a0 = a[0]
+        rows = (a0 != 0.0).nonzero()[0]
+        x = a0[rows]
+        x *= -lr
+        sub = target[rows]
+        sub += np.multiply.outer(x, d[0])
+        target[rows] = sub
+        return rows, sub
     rows = np.flatnonzero(np.any(a != 0.0, axis=0))
     sub = target[rows]
     sub += (-lr * a[:, rows]).T @ d
