@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,10 +98,15 @@ def cnn_module(cfg: RunConfig, shape: tuple[int, ...], n_classes: int) -> nn.Seq
 
 
 def user_module(cfg: RunConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    """network.module = "pkg.mod:build": build(**network.options), given input_shape and n_classes if it takes them."""
+    """network.module = "pkg.mod:build": build(**network.options), given input_shape and n_classes if it takes them.
+
+    The module is imported from the environment or the current folder."""
     spec = cfg.network.module
     assert spec is not None
     mod_name, _, attr = spec.partition(":")
+    # like `python -m`, the current folder is importable (the pcm-hil console script would not see it otherwise)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:

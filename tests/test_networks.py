@@ -168,3 +168,23 @@ def test_cnn_journal_stays_small(tmp_path: Path) -> None:
         live.close()
     assert pulsed > 0
     assert size / 500 < 1024, size / 500
+
+
+def test_cli_trains_a_users_module_from_the_current_folder(tmp_path: Path) -> None:
+    """`pcm-hil train --config` with network.module naming a file in the current folder (not on sys.path)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mynets.py").write_text((Path(__file__).parent / "netmodels.py").read_text())
+    (tmp_path / "run.toml").write_text('seed = 2\n[network]\nkind = "module"\nmodule = "mynets:conv_with_digital_head"\n'
+                                       'digital = ["8"]\n[data]\nname = "digits"\ntrain_limit = 200\n'
+                                       '[update]\nlr = 0.03\n[mapping]\nw_max = [1.0]\n')
+    exe = Path(sys.executable).with_name("pcm-hil")
+    r = subprocess.run([str(exe), "train", "--config", "run.toml", "--out", "run"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["finished"] and s["samples_trained"] == 200
+    with RunLogReader(tmp_path / "run" / "run.h5") as log:
+        assert log.attrs["network_kind"] == "module"
+        assert [x["name"] for x in json.loads(log.attrs["network_layers_json"])] == ["1", "6"]
