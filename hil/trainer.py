@@ -26,7 +26,7 @@ from .analog import AnalogLayer, HostWeights
 from .array import UPDATE, ArrayProducts, ArrayWeights, ProgramRecord
 from .config import RunConfig
 from .data import Dataset, epoch_order
-from .journal import Journal, read_journal
+from .journal import Journal, JournalError, read_journal
 from . import response
 from .network import Factors, StepResult, accumulate, fast_forward, fast_step
 from .networks import Network, build_network
@@ -143,6 +143,7 @@ class Trainer:
         self.journal_mode = "factors" if (network.kind == "mlp" or use_mvm) else "recompute"
         self._g_changed: list[np.ndarray] = []
         self._g_all = False
+        self._last_program_addresses: np.ndarray | None = None
         self._seed_each_step = self.model is not None and any(
             isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in self.model.modules())
         if array is not None:
@@ -249,6 +250,7 @@ class Trainer:
             arrays.update(addresses=p.addresses, set_counts=p.set_counts, reset=p.reset)
             if self.journal_mode == "recompute":
                 self._g_changed.append(p.addresses)  # its read-back moves them
+                self._last_program_addresses = p.addresses
         self.journal.append(meta, arrays)
 
     def _journal_inputs(self, arrays: dict[str, np.ndarray]) -> None:
@@ -257,14 +259,19 @@ class Trainer:
         aw = self.array
         assert aw is not None and self._pending_idx is not None
         arrays["idx"] = np.asarray(self._pending_idx, np.int64)
-        if self._g_all:
-            addr = aw.mapping.addresses
-        elif self._g_changed:
-            addr = np.unique(np.concatenate(self._g_changed))
+        changed = self._g_changed
+        if not self._g_all and len(changed) == 1 and changed[0] is self._last_program_addresses:
+            # the usual case, the previous record's program read back: its addresses are in that record
+            arrays["g_val"] = aw.g[changed[0]]
         else:
-            addr = np.zeros(0, np.int64)
-        arrays["g_addr"] = addr.astype(np.int32 if aw.mapping.geometry.n_devices < 2**31 else np.int64)
-        arrays["g_val"] = aw.g[addr]
+            if self._g_all:
+                addr = aw.mapping.addresses
+            elif changed:
+                addr = np.unique(np.concatenate(changed))
+            else:
+                addr = np.zeros(0, np.int64)
+            arrays["g_addr"] = addr.astype(np.int32 if aw.mapping.geometry.n_devices < 2**31 else np.int64)
+            arrays["g_val"] = aw.g[addr]
         self._g_changed, self._g_all = [], False
 
     # ------------------------------------------------------------------ the loop
@@ -568,12 +575,19 @@ def _journaled_input(arrays: dict[str, np.ndarray], layer: int, fan_in: int) -> 
     return dense
 
 
-def _recompute_step(trainer: Trainer, meta: dict[str, Any], arr: dict[str, np.ndarray]) -> StepResult:
-    """A "recompute" record's step again: the host copy takes the conductances the record holds, then the same
-    forward and backward pass on the same samples (digital parameters step too) gives the same factors."""
+def _recompute_step(trainer: Trainer, meta: dict[str, Any], arr: dict[str, np.ndarray],
+                    previous_program: np.ndarray | None) -> StepResult:
+    """A "recompute" record's step again: the host copy takes the conductances the record holds (at g_addr, or
+    without it at the previous record's program addresses), then the same forward and backward pass on the same
+    samples (digital parameters step too) gives the same factors."""
     aw = trainer.array
     assert aw is not None
-    addr = arr["g_addr"].astype(np.int64)
+    if "g_addr" in arr:
+        addr = arr["g_addr"].astype(np.int64)
+    elif previous_program is not None:
+        addr = previous_program
+    else:
+        raise JournalError("a recompute record refers to the previous record's program, and there is none")
     if addr.size:
         aw.g[addr] = arr["g_val"]
         for lm, w in zip(aw.mapping.layers, aw.w, strict=True):
@@ -612,13 +626,14 @@ def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool
         last_applied = aw.driver.last_program_id()
     applied: list[tuple[int, PulseProgram]] = []
     unapplied = None
+    previous_program: np.ndarray | None = None
     for i, (meta, arr) in enumerate(records):
         kind = meta["kind"]
         if kind == UPDATE:
             n_layers = len(aw.chi)
             aw.lr = trainer.lr_for(int(meta["epoch"]))
             if "idx" in arr:
-                aw.accumulate(_recompute_step(trainer, meta, arr).factors)
+                aw.accumulate(_recompute_step(trainer, meta, arr, previous_program).factors)
             else:
                 aw.accumulate([(_journaled_input(arr, j, aw.chi[j].shape[0]), arr[f"d{j}"]) for j in range(n_layers)])
             at = trainer.at
@@ -628,6 +643,7 @@ def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool
             at.correct += int(meta["correct"])
         if "program_id" not in meta:
             continue
+        previous_program = arr["addresses"]
         prog = PulseProgram(int(meta["program_id"]), arr["addresses"], arr["set_counts"], arr["reset"], aw.shapes)
         aw.next_program_id = prog.program_id + 1
         is_last = i == len(records) - 1
