@@ -1,0 +1,102 @@
+"""`pcm-hil report` and `pcm-hil compare`: look at runs (analysis/ does the work; docs/report.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
+
+# soft_wrap: a path is never broken across lines; highlight off: numbers and paths print as they are.
+console = Console(soft_wrap=True, highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """One error line on stderr, as is; return the exit to raise."""
+    typer.echo(f"{typer.style('error:', fg='red')} {' '.join(str(message).split())}", err=True)
+    return typer.Exit(code)
+
+
+def _print(renderable: object) -> None:
+    """At the table's natural width: a narrow terminal wraps whole lines instead of rich squeezing every cell."""
+    need = Measurement.get(console, console.options.update_width(10_000), renderable).maximum
+    if need <= console.width:
+        console.print(renderable)
+        return
+    Console(file=console.file, width=need, force_terminal=console.is_terminal, color_system=console.color_system,
+            soft_wrap=True, highlight=False).print(renderable)
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False)
+
+
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (pcm-hil train's RUN_DIR, or a pcm-hil characterize "
+                                                 "folder); finished, stopped, killed or still running.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs and report.html (default RUN_DIR/report; "
+                                                     "files of the same names are replaced).")] = None,
+) -> None:
+    """PNG figures and one self-contained report.html of a run, and a short summary here."""
+    from analysis import AnalysisError, write_report
+
+    try:
+        rep = write_report(run_dir, out)
+    except AnalysisError as e:
+        raise _fail(str(e), e.exit_code) from None
+    table = Table(title=f"pcm-hil report: {escape(rep.run.name)}")
+    table.add_column("quantity")
+    table.add_column("value")
+    for k, v in rep.summary:
+        if k != "run":
+            table.add_row(escape(k), escape(v))
+    _print(table)
+    for n in rep.notes:
+        _say(f"note: {n}")
+    _say(f"figures: {', '.join(f.file for f in rep.figures)} in {rep.out}")
+    _say(f"report: {rep.html}")
+
+
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run folders (pcm-hil train's RUN_DIRs).")],
+    out: Annotated[Path, typer.Option(help="PNG of the overlaid curves (replaced if it exists).")] = Path("compare.png"),
+) -> None:
+    """One table and overlaid curves for runs that differ in config, chip or seed, with their config differences."""
+    from analysis import AnalysisError, compare_runs, write_compare_figure
+    from analysis.compare import COLUMNS
+
+    try:
+        c = compare_runs(list(runs))
+        png = write_compare_figure(c, out)
+    except AnalysisError as e:
+        raise _fail(str(e), e.exit_code) from None
+    table = Table(title=f"pcm-hil compare: {len(c.runs)} runs")
+    for i, col in enumerate(COLUMNS):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for row in c.rows:
+        table.add_row(*(escape(x) for x in row))
+    _print(table)
+    if c.differences:
+        diff = Table(title="config differences")
+        diff.add_column("key")
+        for label in c.labels:
+            diff.add_column(escape(label))
+        for key, vals in c.differences:
+            diff.add_row(escape(key), *(escape(v) for v in vals))
+        _print(diff)
+    else:
+        _say("config: the same in every run")
+    for run, label in zip(c.runs, c.labels, strict=True):
+        if label != str(run.path):
+            _say(f"{label}: {run.path}")
+    _say(f"curves: {png}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's sub-commands to the pcm-hil app."""
+    app.command("report")(report_cmd)
+    app.command("compare")(compare_cmd)
