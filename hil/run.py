@@ -298,7 +298,14 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     summary = t.summary()
     summary["baseline_test_accuracy"] = None
     if baseline and t.at.epoch >= cfg.update.epochs:
-        summary["baseline_test_accuracy"] = run_baseline(cfg, data).summary()["test_accuracy"]
+        b = run_baseline(cfg, data)
+        summary["baseline_test_accuracy"] = b.summary()["test_accuracy"]
+        if s.writer is not None:
+            # beside the chip's rows, under their own names (a reader selecting rows by "epoch" gets the chip's)
+            for row in b.metrics:
+                s.writer.log_metrics(t.at.step, baseline_epoch=row["epoch"],
+                                     baseline_test_accuracy=row["test_accuracy"],
+                                     baseline_train_accuracy=row["train_accuracy"])
     summary["reads_logged"] = s.writer.counts["reads"] if s.writer is not None else 0
     summary["unapplied_program_ids"] = t.unapplied_program_ids
     summary["finished"] = t.at.epoch >= cfg.update.epochs

@@ -188,3 +188,15 @@ def test_cli_trains_a_users_module_from_the_current_folder(tmp_path: Path) -> No
     with RunLogReader(tmp_path / "run" / "run.h5") as log:
         assert log.attrs["network_kind"] == "module"
         assert [x["name"] for x in json.loads(log.attrs["network_layers_json"])] == ["1", "6"]
+
+
+def test_baseline_per_epoch_metrics_are_logged(tmp_path: Path) -> None:
+    cfg = RunConfig().with_overrides(**{"data.name": "digits", "network.hidden": [8], "update.epochs": 2,
+                                        "data.train_limit": 150})
+    s = start_run(cfg, tmp_path / "run", baseline=True)
+    with RunLogReader(tmp_path / "run" / "run.h5") as r:
+        m = r.metrics()
+    rows = ~np.isnan(m["baseline_epoch"])
+    assert list(m["baseline_epoch"][rows]) == [1.0, 2.0]
+    assert m["baseline_test_accuracy"][rows][-1] == s["baseline_test_accuracy"]
+    assert list(m["epoch"][~np.isnan(m["epoch"])]) == [1.0, 2.0]  # the chip's epochs stay the chip's
