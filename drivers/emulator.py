@@ -31,7 +31,7 @@ from .emulator_state import (DEFAULT_READ_VOLTAGE_V, MIN_SNAPSHOT_LEDGER_BYTES, 
                              ledger_path, load_state, read_records, rng_state, save_state, set_rng_state)
 from .errors import AddressError, DriverError, ProgramError, ProtocolError, SafetyViolation
 from .mock import MockDriver
-from .program import PulseShapes
+from .program import PulseProgram, PulseShapes
 
 ERROR_QUEUE_LENGTH = 32
 READ_VOLTAGE_RANGE_V = (0.01, 1.0)
@@ -308,6 +308,8 @@ class Emulator:
                            f"program {program.program_id} is not after the last applied program {last}; not applied")
         d = self.driver
         t_s = d.now()
+        if self._ledger is not None and isinstance(d, MockDriver):
+            return self._apply_logged(program, payload, t_s, read_back)
         # What re-applying this program after a crash needs besides the program: reads since the last program
         # moved the clock and drew read noise, and nothing else records that.
         rng = rng_state(d.chip) if self.state_path is not None and isinstance(d, MockDriver) else None
@@ -320,11 +322,45 @@ class Emulator:
         except (OSError, DriverError) as e:
             # The program did run; saying otherwise would invite a second application.
             self.push_error(P.ErrorCode.DEVICE_ERROR, f"program {program.program_id} applied but not saved: {e}")
+        return self._apply_reply(program, t_s, read_back)
+
+    def _apply_reply(self, program: PulseProgram, t_s: float, read_back: bool) -> bytes:
         if not read_back:
             return _line(str(program.program_id))
-        r = d.read(program.addresses)
+        r = self.driver.read(program.addresses)
         reply = P.encode_apply_read_reply(program.program_id, t_s, r.t_s, r.conductances_us)
         return P.encode_block(reply) + b"\n"
+
+    def _apply_logged(self, program: PulseProgram, payload: bytes, t_s: float, read_back: bool) -> bytes:
+        """_apply with a ledger: the record goes to disk while the chip applies the program and reads it back.
+
+        The record (program, clock, RNG state) is complete before the program runs, so this thread writes and
+        fdatasyncs it while the ledger's worker thread applies the program and makes the reply
+        (Ledger.append_while), and the reply leaves once both are done: durable before acknowledged, as ever,
+        at about the cost of the longer of the two instead of their sum. The program is checked first, so a
+        refused one is never recorded."""
+        d = self.driver
+        assert self._ledger is not None and isinstance(d, MockDriver)
+        d.check_program(program)
+        record = encode_record(payload, t_s, rng_state(d.chip), self.read_voltage_v, read_back)
+
+        def run() -> bytes:
+            d._apply_checked(program)  # noqa: SLF001 - check_program passed just above
+            self.last_program_id = program.program_id
+            self.last_shapes = program.shapes
+            return self._apply_reply(program, t_s, read_back)
+
+        reply, failed = self._ledger.append_while(record, run)
+        if failed is not None:
+            # The program did run; saying otherwise would invite a second application.
+            self.push_error(P.ErrorCode.DEVICE_ERROR, f"program {program.program_id} applied but not saved: {failed}")
+            return reply
+        if self._ledger.size >= max(self._snapshot_bytes, MIN_SNAPSHOT_LEDGER_BYTES):
+            try:
+                self.save()
+            except (OSError, DriverError) as e:
+                self.push_error(P.ErrorCode.DEVICE_ERROR, f"program {program.program_id} applied but not saved: {e}")
+        return reply
 
     def _persist(self, payload: bytes, t_s: float, rng: dict | None, read_back: bool) -> None:
         """Append the applied program to the ledger (fsynced), or snapshot when there is none or it has grown."""
@@ -347,6 +383,8 @@ class Emulator:
         d = self.driver
         if not isinstance(d, MockDriver):
             raise DriverError(f"--state needs a MockDriver, this emulator wraps {type(d).__name__}")
+        if self._ledger is not None:
+            self._ledger.settle()  # no program half-way through the worker thread
         self._snapshot_bytes = save_state(self.state_path, SavedState(
             d.chip, d.now(), self.last_program_id, np.asarray(d.lifetime_pulses), self.read_voltage_v,
             self.last_shapes))

@@ -3,7 +3,8 @@
 `pcm-hil emulator --state FILE`: FILE is a snapshot (one .npz, sim/files.py: atomic replacement, JSON header)
 of the chip (PCMArray.to_bytes, its RNG included), its clock, the last applied program id, the read voltage,
 the last pulse shapes and the lifetime counts. FILE.ledger holds every program applied since that snapshot,
-one record each, appended and fsynced before the tester acknowledges the program. A restart loads the
+one record each, appended and fdatasynced before the tester acknowledges the program (written while the chip
+applies it: Ledger.append_while). A restart loads the
 snapshot and re-applies the ledger's programs in order; each record carries the chip's clock and RNG state
 just before its program ran, so re-applying reproduces the chip bit for bit, however many reads (which
 move the clock and draw read noise) came between the programs. A snapshot is written when the ledger has
@@ -23,10 +24,11 @@ import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -46,6 +48,7 @@ LEDGER_SUFFIX = ".ledger"
 MIN_SNAPSHOT_LEDGER_BYTES = 1 << 20
 _U32 = struct.Struct("<I")
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -160,11 +163,18 @@ def _records(data: bytes) -> Iterator[tuple[LedgerRecord, int]]:
 
 
 class Ledger:
-    """FILE.ledger; each append is on disk (fdatasync) before it returns.
+    """FILE.ledger: records appended after the last, each on disk (fdatasync) before the tester acknowledges it.
 
     The file is kept ZERO_AHEAD bytes of written zeros longer than its records: a record then overwrites
     blocks the file already has, and its fdatasync need not commit a new file size or extent as well (about
     a third cheaper per program here). A zero length word ends the records.
+
+    append_while() makes a record durable while a worker thread runs the program and makes its reply: the
+    calling thread waits in fdatasync (0.1-4 ms on the shared test machine's disk) with the interpreter lock
+    released, so the two overlap instead of adding up. Nothing is acknowledged before both are done, so every
+    acknowledged program is on disk as before. A record on disk whose program was never acknowledged (a crash
+    between the two) is re-applied by a restore, as a crash between the fdatasync and the reply always did:
+    the host asks PROG:LAST? and learns that it ran.
     """
 
     ZERO_AHEAD = 1 << 20
@@ -178,20 +188,89 @@ class Ledger:
         self.size = self._length if size is None else size
         if new:
             _fsync_folder(path)  # the file's name must survive a power cut as well as its records
+        # append_while's worker thread (started at its first use) and its hand-off: two locks as binary semaphores
+        self._worker: threading.Thread | None = None
+        self._go = threading.Lock()
+        self._done = threading.Lock()
+        self._go.acquire()
+        self._done.acquire()
+        self._work: Callable[[], Any] | None = None
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._busy = False
 
     def append(self, record: bytes) -> None:
-        end = self.size + len(record)
+        """Write record after the last and return once it is on disk."""
+        self._write(record, self.size)
+        self.size += len(record)
+
+    def append_while(self, record: bytes, work: Callable[[], T]) -> tuple[T, OSError | None]:
+        """Write record after the last and make it durable while work() runs in the ledger's worker thread.
+
+        Returns once both are done: work()'s result, and the error that kept the record off the disk (None
+        when it is on disk). If work() raises, the record is taken back (durably) and the error propagates: a
+        record must not outlive a program that did not run."""
+        at = self.size
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._serve, name=f"ledger {self.path.name}", daemon=True)
+            self._worker.start()
+        self._work, self._result, self._error = work, None, None
+        self._busy = True
+        self._go.release()  # the worker starts work() now and runs it while this thread waits in fdatasync
+        failed: OSError | None = None
+        try:
+            self._write(record, at)
+        except OSError as e:
+            failed = e
+        finally:
+            self.settle()
+        result, error = self._result, self._error
+        self._work = self._result = self._error = None
+        if error is not None:
+            if failed is None:
+                self._discard(at, len(record))
+            raise error
+        if failed is None:
+            self.size = at + len(record)
+        return result, failed  # type: ignore[return-value]
+
+    def settle(self) -> None:
+        """Wait for append_while's work if it is still running (an interrupt can leave it so): snapshots and
+        close() must not see a chip that is half-way through a program."""
+        if self._busy:
+            self._done.acquire()
+            self._busy = False
+
+    def _discard(self, at: int, length: int) -> None:
+        os.pwrite(self._fd, bytes(length), at)
+        _datasync(self._fd)
+
+    def _serve(self) -> None:
+        while True:
+            self._go.acquire()
+            work = self._work
+            if work is None:  # close()
+                self._done.release()
+                return
+            try:
+                self._result = work()
+            except BaseException as e:  # noqa: BLE001 - handed to append_while, which raises it in its thread
+                self._error = e
+            self._done.release()
+
+    def _write(self, record: bytes, at: int) -> None:
+        end = at + len(record)
         if end + 4 > self._length:
             self._zero_to(end + 4 + self.ZERO_AHEAD)
-        view, at = memoryview(record), self.size
+        view = memoryview(record)
         while view:
             n = os.pwrite(self._fd, view, at)
             view, at = view[n:], at + n
         _datasync(self._fd)
-        self.size = end
 
     def truncate(self, size: int = 0) -> None:
         """Cut the records to size bytes (0: none, once a snapshot holds everything), durably."""
+        self.settle()
         os.ftruncate(self._fd, size)
         self._length = size
         self.size = size
@@ -203,9 +282,17 @@ class Ledger:
         self._length = length
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._fd < 0:
+            return
+        if self._worker is not None:
+            self.settle()
+            self._work = None
+            self._go.release()
+            self._done.acquire()
+            self._worker.join()
+            self._worker = None
+        os.close(self._fd)
+        self._fd = -1
 
 
 def ledger_path(state_path: Path) -> Path:

@@ -171,6 +171,75 @@ def test_ledger_appends_overwrite_zeros_the_file_already_has(tmp_path):
     led.close()
 
 
+def test_append_while_acknowledges_only_a_record_on_disk_and_takes_back_one_whose_program_failed(tmp_path,
+                                                                                                 monkeypatch):
+    """Ledger.append_while (a program's record goes to disk while the worker applies it): it returns only after
+    both the work and the record's fdatasync are done; a work error takes the record back; a write error is
+    returned beside the work's result (the program ran, the emulator says it was not saved)."""
+    import threading
+
+    import drivers.emulator_state as st
+
+    order: list[str] = []
+    real_sync = st._datasync
+    monkeypatch.setattr(st, "_datasync", lambda fd: (real_sync(fd), order.append("synced")))
+    led = Ledger(tmp_path / "x.ledger")
+    led.truncate(0)
+    order.clear()
+
+    def work() -> str:
+        order.append(f"work in {threading.current_thread().name}")
+        return "reply"
+
+    assert led.append_while(b"abc", work) == ("reply", None)
+    assert sorted(order) == ["synced", "work in ledger x.ledger"] and led.size == 3
+
+    def fails() -> None:
+        raise ZeroDivisionError("the chip failed")
+
+    try:
+        led.append_while(b"defg", fails)
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the work's error must propagate")
+    data = (tmp_path / "x.ledger").read_bytes()
+    assert led.size == 3 and data[:3] == b"abc" and not any(data[3:])  # the failed program's record is gone
+
+    def no_disk(fd: int, view: memoryview, at: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st.os, "pwrite", no_disk)
+    result, failed = led.append_while(b"hij", work)
+    monkeypatch.undo()
+    assert result == "reply" and isinstance(failed, OSError) and led.size == 3
+    led.append_while(b"klm", work)
+    assert (tmp_path / "x.ledger").read_bytes()[:6] == b"abcklm"
+    led.close()
+
+
+def test_a_program_the_chip_fails_on_leaves_no_record(tmp_path, monkeypatch):
+    """The record is written before the program runs: if applying it fails, no restore may apply it."""
+    state = tmp_path / "chip.npz"
+    e = _restored(state)
+    e.save()
+    _session(_InProcess(e), 1, 2)
+
+    def broken(*a, **k):
+        raise FloatingPointError("chip model failed")
+
+    monkeypatch.setattr(e.driver.chip, "apply", broken)
+    rng = np.random.default_rng(3)
+    reply = _InProcess(e)._ask("PROG:APPL?", P.encode_program(_program(rng, 3)))
+    assert b"chip model failed" in reply and e.last_program_id == 2, reply  # refused: nothing acknowledged
+    monkeypatch.undo()
+    _session(_InProcess(e), 4, 1)
+    records, _ = read_records(ledger_path(state).read_bytes())
+    assert [r.program.program_id for r in records] == [1, 2, 4]
+    e.close()
+    assert _restored(state).driver.chip.state_equal(e.driver.chip)
+
+
 def test_verbose_emulator_logs_each_connection_on_stderr():
     for args in (["-v", "emulator", *ARGS], ["emulator", "-v", *ARGS]):
         with _emulator_with_root_args(args) as emu:
