@@ -105,8 +105,55 @@ def test_half_response_chip_warns_and_eps_auto_recovers(tmp_path: Path, referenc
     for p, a in zip(plain["response"]["layers"], auto["response"]["layers"], strict=True):
         assert a["eps"] == pytest.approx(p["eps"] * a["ratio"], rel=0.06)
     assert auto["test_accuracy"] > plain["test_accuracy"]
-    # Measured gap on this chip (3 seeds): 2.8 points on average; the issue asks for 2 (see the report).
+    # One seed: 91.8% against 95.1%. A single digits run's accuracy moves by about 2 points from seed to seed
+    # (the paired difference of two chips by about 1.5), so this bounds only gross failures; the 2-point goal is
+    # test_half_response_chip_with_eps_auto_is_within_2_points_over_seeds.
     assert auto["test_accuracy"] >= reference_accuracy - 0.035, (auto["test_accuracy"], reference_accuracy)
+
+
+#: Seeds of the paired comparison (run seed and chip seed alike), fixed in advance: not chosen by their results.
+PAIRED_SEEDS = range(10)
+
+
+def _mock_with_chip(monkeypatch: pytest.MonkeyPatch, chip: dict[str, float]) -> None:
+    """driver.kind = "mock" with a chip whose parameters differ from the host's model by chip (the host keeps
+    the default model, as on a tester; the emulator runs the same MockDriver behind the wire)."""
+    import hil.run
+    from hil.chip import ChipModel
+    from hil.chip import make_driver as make
+    from sim import PCMParams
+
+    def make_driver(cfg, shapes, model):  # noqa: ANN001, ANN202 - hil.chip.make_driver's signature
+        params = PCMParams(**{**model.params.model_dump(), **chip})
+        return make(cfg, shapes, ChipModel(params, model.granularity_us, model.calibrated_eps_us,
+                                           model.mean_response_us))
+
+    monkeypatch.setattr(hil.run, "make_driver", make_driver)
+
+
+@pytest.mark.slow
+def test_half_response_chip_with_eps_auto_is_within_2_points_over_seeds(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's goal, averaged over PAIRED_SEEDS: eps = "auto" on the half-response chip against the default
+    eps on a chip that matches the model, same run seed and chip seed. In process (the emulator only adds the
+    wire, which the test above covers). Measured: 93.0% against 92.8% (seeds 0-9; per seed the two differ by
+    -4.9..+6.5 points, so a mean over few seeds is noise); with the chip seed held at 0, 93.2% against 94.0%.
+    Halving the chip's spread, scaling the auto eps 0.7-1.5x and probe early-pulse counts of 1-10 all stayed
+    within that noise (92.0-93.6%), and no update reached the per-step pulse cap."""
+    import tomllib
+
+    chip = tomllib.loads(HALF)["pcm"]
+
+    def accuracy(name: str, seed: int, **extra: object) -> float:
+        cfg = RunConfig().with_overrides(**{"data.name": "digits", "update.epochs": 2, "seed": seed,
+                                            "driver.seed": seed, **extra})
+        return start_run(cfg, tmp_path / f"{name}{seed}", notify=lambda _m: None)["test_accuracy"]
+
+    model = [accuracy("model", s) for s in PAIRED_SEEDS]
+    _mock_with_chip(monkeypatch, chip)
+    auto = [accuracy("auto", s, **{"update.eps": "auto"}) for s in PAIRED_SEEDS]
+    gap = float(np.mean(model) - np.mean(auto))
+    assert gap <= 0.02, (model, auto)
 
 
 def test_an_uncalibrated_tester_is_refused_before_anything(tmp_path: Path) -> None:
