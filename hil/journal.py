@@ -26,28 +26,25 @@ from typing import Any
 import numpy as np
 
 _U32 = struct.Struct("<I")
-_PLACEHOLDER = bytes(4)
 
 
 class JournalError(RuntimeError):
     """The journal is unreadable in a way a torn last record does not explain."""
 
 
-def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytearray:
+def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     """One journal record: meta (JSON-able) and named arrays (kept bit-exact, dtype and shape stored)."""
-    # (np.ascontiguousarray makes a 0-d array 1-d: the stored shape keeps that)
-    raw = [a if type(a) is np.ndarray and a.ndim and a.flags.c_contiguous else np.ascontiguousarray(a)
-           for a in arrays.values()]
+    raw = [np.ascontiguousarray(a) for a in arrays.values()]
     header = _header(meta, arrays.keys(), raw)
-    # Built in one buffer, its CRC in one pass: length placeholder | body | crc.
-    rec = bytearray(_U32.pack(len(header)))
-    rec[:0] = _PLACEHOLDER
-    rec += header
-    for a in raw:
-        rec += a.data  # (a memoryview: an ndarray's + would broadcast)
-    _U32.pack_into(rec, 0, len(rec) - 4)
-    rec += _U32.pack(zlib.crc32(memoryview(rec)[4:]))
-    return rec
+    parts = [b"", _U32.pack(len(header)), header, *(a.data for a in raw)]
+    crc = 0
+    blen = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        blen += part.nbytes if isinstance(part, memoryview) else len(part)
+    parts[0] = _U32.pack(blen)
+    parts.append(_U32.pack(crc))
+    return b"".join(parts)
 
 
 def _header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
@@ -56,21 +53,15 @@ def _header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
     Every step writes one, so the common case (int and plain-ASCII str values) is formatted by hand
     from cached pieces; anything else goes through json.dumps.
     """
-    keys = tuple(meta)
-    pre = _META_PIECES.get(keys)
-    if pre is None:
-        if not all(type(k) is str and _plain(k) for k in keys):
-            return _json_header(meta, names, raw)
-        if len(_META_PIECES) >= 256:
-            _META_PIECES.clear()
-        pre = _META_PIECES[keys] = [f'"{k}":' for k in keys]
     fields = []
-    for p, v in zip(pre, meta.values()):
+    for k, v in meta.items():
         t = type(v)
+        if type(k) is not str or not _plain(k):
+            return _json_header(meta, names, raw)
         if t is int:
-            fields.append(f'{p}{v}')
+            fields.append(f'"{k}":{v}')
         elif t is str and _plain(v):
-            fields.append(f'{p}"{v}"')
+            fields.append(f'"{k}":"{v}"')
         else:
             return _json_header(meta, names, raw)
     specs = []
@@ -95,8 +86,6 @@ def _json_header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> byt
 # Strings json.dumps writes as '"' + s + '"' (no escapes), learned as they are seen.
 _PLAIN: set[str] = set()
 _SPEC_PIECES: dict[tuple[str, np.dtype, tuple[int, ...]], str] = {}
-# Per tuple of meta keys (all plain): each key's '"key":' prefix.
-_META_PIECES: dict[tuple[Any, ...], list[str]] = {}
 
 
 def _plain(s: str) -> bool:
