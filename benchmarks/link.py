@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +58,25 @@ def run_case(case: str, a: argparse.Namespace, folder: Path) -> dict:
         return _train(cfg, folder / "run", ["--driver", emu.resource, "--set", "driver.uncalibrated_ok=true"])
 
 
+def fdatasync_us(folder: Path, n: int = 100) -> float:
+    """Median time of a 128-byte pwrite + fdatasync in folder, us: what --state and the journal pay per step."""
+    path = folder / "fsync-probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, bytes(128 * n), 0)
+        os.fsync(fd)
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            os.pwrite(fd, b"x" * 128, 128 * i)
+            getattr(os, "fdatasync", os.fsync)(fd)
+            times.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return statistics.median(times)
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="scripts/bench link")
     ap.add_argument("--hidden", type=int, default=32, help="hidden layer width")
@@ -72,8 +93,10 @@ def main(argv: list[str]) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="pcm-hil-bench-link-"))
     runs: dict[str, list[dict]] = {c: [] for c in CASES}
+    sync_us: list[float] = []
     try:
         for i in range(a.rounds):
+            sync_us.append(fdatasync_us(tmp))
             for case in CASES:
                 runs[case].append(run_case(case, a, tmp / f"{case}-{i}"))
                 s = runs[case][-1]
@@ -90,6 +113,8 @@ def main(argv: list[str]) -> None:
     print(f"scripts/bench link: digits 64-{a.hidden}-10, {a.epochs} epoch(s), {runs['mock'][0]['samples_trained']:,} "
           f"samples; emulator {a.rows}x{a.cols} over pyvisa-py on loopback; journal fsync {a.journal_fsync!r}; "
           f"medians of {a.rounds} interleaved rounds (min..max)")
+    print(f"  disk: pwrite + fdatasync of 128 bytes {statistics.median(sync_us):.0f} us (median; per round "
+          f"{min(sync_us):.0f}..{max(sync_us):.0f}): every journaled step and every --state program pays one")
     print(f"  {'case':13s} {'us/sample':>10s} {'spread':>15s} {'round trips/step':>17s}")
     for case in CASES:
         v = us(case)
