@@ -90,7 +90,18 @@ def pcm_us_per_sample(cfg: RunConfig, samples: int) -> tuple[float, dict]:
 
 
 def main(argv: list[str]) -> None:
+    if "--network" in argv or any(a.startswith("--network=") for a in argv):
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--network", choices=["mlp", "cnn"], default="mlp")
+        known, rest = pre.parse_known_args(argv)
+        if known.network == "cnn":
+            from . import train_cnn
+
+            return train_cnn.main(rest)
+        argv = rest
     ap = argparse.ArgumentParser(prog="scripts/bench train")
+    ap.add_argument("--network", choices=["mlp", "cnn"], default="mlp",
+                    help="mlp: this benchmark; cnn: benchmarks/train_cnn.py (the CNN against its baseline)")
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)

@@ -61,7 +61,6 @@ def _profile(cfg: RunConfig, samples: int) -> tuple[list[tuple[str, float]], flo
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="scripts/bench train --network cnn")
-    ap.add_argument("--network", choices=["cnn"], default="cnn")
     ap.add_argument("--samples", type=int, default=1500)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "examples" / "cnn.toml",
@@ -81,9 +80,12 @@ def main(argv: list[str]) -> None:
         best["pcm"] = min(best["pcm"], last["us_per_sample"])
     parts, total = _profile(cfg, min(n, 500))
     c = cfg.network.cnn
+    root = Path(__file__).resolve().parent.parent
+    shown = args.config.resolve()
+    shown_name = shown.relative_to(root) if shown.is_relative_to(root) else shown
     print(f"scripts/bench train --network cnn: MNIST CNN (conv {c.channels}, kernel {c.kernel}, fc {c.fc}, "
           f"{c.activation}), batch {cfg.update.batch_size}, {n} samples, mock chip (best of {args.rounds} "
-          f"interleaved rounds; config {args.config if args.config.is_file() else 'built-in'})")
+          f"interleaved rounds; config {shown_name if args.config.is_file() else 'built-in'})")
     print(f"  PCM run, every read logged   {best['pcm']:8.1f} us/sample  ({last['programs_applied']:,} programs, "
           f"{last['reads_logged']:,} reads logged, {last['set_pulses']:,} SET pulses, "
           f"{last['refreshes']:,} refreshes)")
