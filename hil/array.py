@@ -19,7 +19,8 @@ from sim import PCMParams
 
 from .config import ReadPolicyConfig, RefreshConfig
 from .mapping import Mapping
-from .network import Factors, WeightSource, accumulate, accumulate_rows
+from .analog import WeightSource
+from .network import Factors, accumulate, accumulate_rows
 from .response import ResponseEstimator, ResponseLaw, extend_table
 
 #: Kinds of programs, as the journal names them.

@@ -1,4 +1,6 @@
-"""The network: analog layers as torch modules (the module path) and a hand-vectorized numpy MLP (the fast path).
+"""The paper's MLP as hand-vectorized numpy (the batch-1 fast path), and the update arithmetic every path shares.
+
+The torch module path (any network) is hil/analog.py and hil/networks.py.
 
 Both compute, per layer l, the factors of the weight gradient: grad W_l = A_l^T D_l, where A_l is the
 layer's input with the always-on bias column appended (batch, fan_in + 1) and D_l the gradient of
@@ -9,12 +11,10 @@ lets a resume roll chi forward exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
 Factors = list[tuple[np.ndarray, np.ndarray]]
 
@@ -112,99 +112,6 @@ def fast_step(weights: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray) -> St
     return StepResult(predicted, list(zip(acts, deltas, strict=True)))
 
 
-# ---------------------------------------------------------------------------------------------- module path
-
-class WeightSource:
-    """Where an analog layer's products come from: a host matrix (fresh from reads) or the chip's analog multiply."""
-
-    def product(self, a: np.ndarray) -> np.ndarray:
-        """a (batch, fan_in + 1) -> a @ W (batch, fan_out)."""
-        raise NotImplementedError
-
-    def product_t(self, d: np.ndarray) -> np.ndarray:
-        """d (batch, fan_out) -> d @ W^T (batch, fan_in + 1)."""
-        raise NotImplementedError
-
-
-class HostWeights(WeightSource):
-    """Products from a float64 host matrix that the caller keeps current (updated in place)."""
-
-    def __init__(self, w: np.ndarray) -> None:
-        self.w = w
-
-    def product(self, a: np.ndarray) -> np.ndarray:
-        return a @ self.w
-
-    def product_t(self, d: np.ndarray) -> np.ndarray:
-        return d @ self.w.T
-
-
-class _AnalogMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, layer: AnalogLinear) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        ctx.save_for_backward(a)
-        return torch.from_numpy(layer.source.product(a.detach().numpy()))
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        (a,) = ctx.saved_tensors
-        layer: AnalogLinear = ctx.layer
-        d = gy.detach().numpy().astype(np.float64, copy=True)
-        layer.factors = (a.detach().numpy().astype(np.float64, copy=True), d)
-        return torch.from_numpy(layer.source.product_t(d)), None
-
-
-class AnalogLinear(nn.Module):
-    """A linear layer whose weights live on the array as device pairs, bias as an always-on input row.
-
-    Its gradient is not a parameter: backward leaves the factors (A, D) of grad W = A^T D in
-    self.factors, for the mixed-precision update. Later conv / LSTM layers follow the same shape:
-    a WeightSource for products, factors out.
-    """
-
-    def __init__(self, fan_in: int, fan_out: int, source: WeightSource) -> None:
-        super().__init__()
-        self.fan_in, self.fan_out, self.source = fan_in, fan_out, source
-        self.factors: tuple[np.ndarray, np.ndarray] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        return _AnalogMatmul.apply(a, self)
-
-
-class AnalogMLP(nn.Module):
-    """The paper's MLP out of AnalogLinear layers: sigmoid hidden layers, logits out."""
-
-    def __init__(self, sizes: Sequence[int], sources: Sequence[WeightSource]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(AnalogLinear(i, o, s) for i, o, s in zip(sizes[:-1], sizes[1:], sources, strict=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers[:-1]:
-            x = torch.sigmoid(layer(x))
-        return self.layers[-1](x)
-
-
-def module_step(model: AnalogMLP, x: np.ndarray, y: np.ndarray) -> StepResult:
-    """Forward and backward through the torch modules; the same result as fast_step."""
-    xt = torch.from_numpy(np.ascontiguousarray(x, np.float64)).requires_grad_(True)
-    logits = model(xt)
-    loss = nn.functional.cross_entropy(logits, torch.from_numpy(y))
-    loss.backward()
-    factors = []
-    for layer in model.layers:
-        assert layer.factors is not None
-        factors.append(layer.factors)
-        layer.factors = None
-    return StepResult(logits.detach().numpy().argmax(axis=1), factors)
-
-
-def module_forward(model: AnalogMLP, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(x, np.float64))).numpy()
-
-
 def accumulate(target: np.ndarray, a: np.ndarray, d: np.ndarray, lr: float) -> np.ndarray:
     """target -= lr * a^T d, touching only rows where some input is nonzero; returns those rows (int64).
 
@@ -235,4 +142,3 @@ def accumulate_rows(target: np.ndarray, a: np.ndarray, d: np.ndarray, lr: float)
     return rows, sub
 
 
-Stepper = Callable[[np.ndarray, np.ndarray], StepResult]

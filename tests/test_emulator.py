@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from drivers import InstrumentError, MockDriver, PulseProgram, SafetyLimits, SafetyViolation
+from drivers import MockDriver, PulseProgram, SafetyLimits, SafetyViolation
 from drivers import protocol as P
 from drivers import TesterDriver as Driver
 from drivers.server import Emulator, Endpoint, FaultPlan, Server

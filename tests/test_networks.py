@@ -200,3 +200,17 @@ def test_baseline_per_epoch_metrics_are_logged(tmp_path: Path) -> None:
     assert list(m["baseline_epoch"][rows]) == [1.0, 2.0]
     assert m["baseline_test_accuracy"][rows][-1] == s["baseline_test_accuracy"]
     assert list(m["epoch"][~np.isnan(m["epoch"])]) == [1.0, 2.0]  # the chip's epochs stay the chip's
+
+
+def test_cnn_trains_on_a_local_cifar10_copy(tmp_path: Path) -> None:
+    """data.name = "cifar10" at data.path: the CNN takes its 3 x 32 x 32 images (a fake copy the test writes)."""
+    from test_data_images import write_folder
+
+    folder, _ = write_folder(tmp_path / "cifar")
+    cfg = RunConfig().with_overrides(**{"data.name": "cifar10", "data.path": str(folder), "network.kind": "cnn",
+                                        "network.cnn.channels": [4], "network.cnn.fc": [], "data.train_limit": 12,
+                                        "mapping.w_max": [1.0]})
+    s = start_run(cfg, tmp_path / "run")
+    assert s["finished"] and s["samples_trained"] == 12
+    with RunLogReader(tmp_path / "run" / "run.h5") as r:
+        assert [x["fan_in"] for x in json.loads(r.attrs["network_layers_json"])] == [3 * 5 * 5, 4 * 14 * 14]
