@@ -33,17 +33,30 @@ def driver_overrides(driver: str) -> dict[str, Any]:
     return {"driver.kind": "serial" if is_serial_url(driver) else "visa", "driver.resource": driver}
 
 
+#: With output redirected (no terminal), a plain progress line at most this often, seconds.
+PLAIN_PROGRESS_EVERY_S = 10.0
+
+
 class _Bar:
-    """A rich progress bar fed by the trainer: samples/s and running accuracy of the epoch."""
+    """Progress fed by the trainer (the chip's, then the baseline's): samples/s and the running accuracy of
+    the epoch, and each epoch's metrics as a line of their own when they are computed (the baseline's beside
+    the chip's). On a terminal a rich bar; redirected, plain lines at most every PLAIN_PROGRESS_EVERY_S."""
 
     def __init__(self, progress: Progress, total: int | None) -> None:
         self.progress = progress
+        self.live = progress.console.is_terminal
         self.task = progress.add_task("training", total=total, rate="", acc="")
         self.t0 = time.perf_counter()
         self.first: int | None = None
+        self.last_line = -float("inf")
+        self.chip_metrics: list[dict[str, float]] = []
+        self.epochs_said = 0
+        self.baseline = False
 
     def __call__(self, trainer: Any) -> None:
-        if self.first is None:
+        if trainer.array is None and not self.baseline:
+            self._start_baseline(trainer)
+        if self.first is None and self.live:
             self.progress.start()  # shown once training runs, not over a refusal that comes first
         at = trainer.at
         n = len(trainer.data.y_train)
@@ -59,9 +72,45 @@ class _Bar:
         link = link_stats(trainer.array.driver) if trainer.array is not None else None
         trouble = {k: v for k, v in (link or {}).items() if k != "round_trips" and v}
         extra = ("  link: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in trouble.items())) if trouble else ""
-        self.progress.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s",
-                             acc=(f"running acc {acc:.3f}" if at.seen else "") + extra,
-                             description=f"epoch {min(at.epoch + 1, trainer.cfg.update.epochs)}")
+        who = "baseline " if self.baseline else ""
+        description = f"{who}epoch {min(at.epoch + 1, trainer.cfg.update.epochs)}"
+        running = (f"running acc {acc:.3f}" if at.seen else "") + extra
+        self._say_epochs(trainer)
+        if self.live:
+            self.progress.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s", acc=running,
+                                 description=description)
+        elif at.pos and at.samples_trained > self.first and \
+                time.perf_counter() - self.last_line >= PLAIN_PROGRESS_EVERY_S:
+            self.last_line = time.perf_counter()
+            total = self.progress.tasks[0].total
+            of = f"/{total:,.0f}" if total else ""
+            self._line(f"{description}: {done:,}{of} samples, {rate:,.0f} samples/s, {running}".rstrip(", "))
+
+    def _start_baseline(self, trainer: Any) -> None:
+        self.baseline = True
+        self.epochs_said = 0
+        self.first = None
+        self.last_line = -float("inf")
+        self._line(f"baseline: training the float64 network ({trainer.cfg.update.epochs} epochs, same "
+                   "initialization and data order)")
+        self.progress.reset(self.task, total=self.progress.tasks[0].total)
+
+    def _say_epochs(self, trainer: Any) -> None:
+        for row in trainer.metrics[self.epochs_said:]:
+            e = int(row["epoch"])
+            text = f"epoch {e}: test accuracy {row['test_accuracy']:.4f} (train, running {row['train_accuracy']:.4f})"
+            if self.baseline:
+                chip = next((m for m in self.chip_metrics if int(m["epoch"]) == e), None)
+                text = f"baseline {text}" + (f"; chip {chip['test_accuracy']:.4f}" if chip else "")
+            else:
+                self.chip_metrics.append(row)
+                text += f"; {row['set_pulses']:,.0f} SET pulses, {row['refreshes']:,.0f} refreshes so far"
+            self._line(text)
+        self.epochs_said = len(trainer.metrics)
+
+    def _line(self, text: str) -> None:
+        self.progress.console.print(escape(text), soft_wrap=True, highlight=False)
+        self.progress.console.file.flush()
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:

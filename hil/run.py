@@ -298,7 +298,7 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     summary = t.summary()
     summary["baseline_test_accuracy"] = None
     if baseline and t.at.epoch >= cfg.update.epochs:
-        b = run_baseline(cfg, data)
+        b = run_baseline(cfg, data, progress, progress_every)
         summary["baseline_test_accuracy"] = b.summary()["test_accuracy"]
         if s.writer is not None:
             # beside the chip's rows, under their own names (a reader selecting rows by "epoch" gets the chip's)

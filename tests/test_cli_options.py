@@ -87,3 +87,25 @@ def test_usage_mistakes_are_one_unframed_line() -> None:
                            env=dict(os.environ, COLUMNS="30"), timeout=120)
         assert r.returncode == 2 and r.stderr.startswith(msg), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "╭" not in r.stderr
+
+
+def test_redirected_output_gets_epoch_lines_and_plain_progress(tmp_path: Path, monkeypatch) -> None:
+    """Not a terminal: each epoch's metrics (chip, then the baseline's beside them) and plain progress lines."""
+    from hil import cli_train
+
+    monkeypatch.setattr(cli_train, "PLAIN_PROGRESS_EVERY_S", 0.0)
+    r = CliRunner().invoke(app, ["train", "--data", "digits", "--epochs", "2", "--train-limit", "600", "--set",
+                                 "network.hidden=[8]", "--baseline", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    chip = [ln for ln in lines if ln.startswith("epoch ") and "test accuracy" in ln]
+    base = [ln for ln in lines if ln.startswith("baseline epoch ") and "test accuracy" in ln]
+    progress = [ln for ln in lines if "samples/s" in ln]
+    assert [ln.split(":")[0] for ln in chip] == ["epoch 1", "epoch 2"]
+    assert [ln.split(":")[0] for ln in base] == ["baseline epoch 1", "baseline epoch 2"]
+    assert all("; chip 0." in ln for ln in base)
+    assert any(ln.startswith("baseline: training the float64 network") for ln in lines)
+    # a line per progress call after the first of each run (every 200 samples), the baseline's too
+    assert len([ln for ln in progress if ln.startswith("epoch")]) >= 4
+    assert len([ln for ln in progress if ln.startswith("baseline epoch")]) >= 4
+    assert lines.index(chip[0]) < lines.index(chip[1]) < lines.index(base[0])
