@@ -144,6 +144,7 @@ class Trainer:
         self._g_changed: list[np.ndarray] = []
         self._g_all = False
         self._last_program_addresses: np.ndarray | None = None
+        self._small_addresses = array is not None and array.mapping.geometry.n_devices < 2**31
         self._seed_each_step = self.model is not None and any(
             isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in self.model.modules())
         if array is not None:
@@ -247,7 +248,7 @@ class Trainer:
         if rec is not None:
             p = rec.program
             meta["program_id"] = p.program_id
-            arrays.update(addresses=p.addresses, set_counts=p.set_counts, reset=p.reset)
+            arrays.update(_compact_program(p, self._small_addresses))
             if self.journal_mode == "recompute":
                 self._g_changed.append(p.addresses)  # its read-back moves them
                 self._last_program_addresses = p.addresses
@@ -561,6 +562,25 @@ def _restore_response(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, 
         raise CheckpointError(f"checkpoint's response state does not fit this run: {e}") from None
 
 
+def _compact_program(p: PulseProgram, small_addresses: bool) -> dict[str, np.ndarray]:
+    """A program's arrays as the journal keeps them: int32 addresses (arrays under 2**31 devices), uint8 SET
+    counts where they fit, no RESET flags when there are none; _journaled_program restores them exactly."""
+    out = {"addresses": p.addresses.astype(np.int32) if small_addresses else p.addresses,
+           "set_counts": p.set_counts.astype(np.uint8) if p.set_counts.size and int(p.set_counts.max()) <= 255
+           and int(p.set_counts.min()) >= 0 else p.set_counts}
+    if p.reset_pulses:
+        out["reset"] = p.reset
+    return out
+
+
+def _journaled_program(meta: dict[str, Any], arr: dict[str, np.ndarray], shapes: Any) -> PulseProgram:
+    """The PulseProgram of a journal record (int64 addresses and counts, as the live one; older records hold
+    them as int64 and always a reset array)."""
+    addresses = arr["addresses"].astype(np.int64)
+    reset = arr["reset"] if "reset" in arr else np.zeros(addresses.size, np.bool_)
+    return PulseProgram(int(meta["program_id"]), addresses, arr["set_counts"].astype(np.int64), reset, shapes)
+
+
 def _journaled_input(arrays: dict[str, np.ndarray], layer: int, fan_in: int) -> np.ndarray:
     """Layer input A of a journal record, (batch, fan_in + 1); records may hold only its nonzero columns.
 
@@ -643,8 +663,8 @@ def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool
             at.correct += int(meta["correct"])
         if "program_id" not in meta:
             continue
-        previous_program = arr["addresses"]
-        prog = PulseProgram(int(meta["program_id"]), arr["addresses"], arr["set_counts"], arr["reset"], aw.shapes)
+        prog = _journaled_program(meta, arr, aw.shapes)
+        previous_program = prog.addresses
         aw.next_program_id = prog.program_id + 1
         is_last = i == len(records) - 1
         if reapply:
