@@ -1,4 +1,4 @@
-"""`pcm-hil report` and `pcm-hil compare`: look at runs (analysis/ does the work; docs/report.md)."""
+"""`pcm-hil report`, `pcm-hil compare` and `pcm-hil export`: look at runs (analysis/ does the work; docs/report.md)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,43 @@ def compare_cmd(
     _say(f"curves: {png}")
 
 
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or its run log); finished, stopped, killed or still "
+                                                 "running (the rows flushed so far).")],
+    what: Annotated[str, typer.Option(help="Table: reads (one row per device read), pulses (one row per device a "
+                                           "program addressed), programs (one row per program), metrics.")] = "reads",
+    fmt: Annotated[str, typer.Option("--format", help="csv, parquet or netcdf (netCDF-4).")] = "csv",
+    out: Annotated[Optional[Path], typer.Option(help="File to write (default RUN_DIR/export/WHAT.csv, .parquet "
+                                                     "or .nc).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+    chunk_rows: Annotated[str, typer.Option(help="Rows read from the log and written at a time (memory use "
+                                                 "grows with it).")] = "1048576",
+) -> None:
+    """The run's trace as one flat table (csv, parquet, netCDF) for pandas, xarray and other tools; streams."""
+    from analysis import AnalysisError, export_run
+
+    try:
+        rows = int(chunk_rows.replace("_", "").replace(",", ""))
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise _fail(f"--chunk-rows must be a positive integer, got {chunk_rows!r}", 2)
+    try:
+        e = export_run(run_dir, what.strip().lower(), fmt.strip().lower(), out, force=force, chunk_rows=rows)
+    except AnalysisError as err:
+        raise _fail(str(err), err.exit_code) from None
+    _say(f"pcm-hil export: {e.what} of {e.run_dir.name or e.run_dir} ({e.log})")
+    _say(f"rows: {e.describe()}")
+    names = [f"{c.name} ({c.units})" if c.units else c.name for c in e.columns]
+    more = f", and {len(names) - 16} more" if len(names) > 16 else ""
+    _say("columns: " + ", ".join(names[:16]) + more)
+    for n in e.notes:
+        _say(f"note: {n}")
+    _say(f"file: {e.path} ({e.format}, {e.path.stat().st_size:,} bytes)")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's sub-commands to the pcm-hil app."""
     app.command("report")(report_cmd)
     app.command("compare")(compare_cmd)
+    app.command("export")(export_cmd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import TracebackType
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -225,6 +226,115 @@ class RunLogReader:
                                      shapes[int(e["shapes"])])))
         return out
 
+    # ------------------------------------------------------------------ the data, in chunks
+    @property
+    def reason_names(self) -> list[str]:
+        """The read reasons by code (the read events' reason column indexes this list)."""
+        return list(self._reason_names)
+
+    @property
+    def shape_rows(self) -> int:
+        """Rows of /programs/shapes a reader sees (codes 0 .. shape_rows - 1; shapes(code) gives each)."""
+        return int(self._n["programs/shapes"])
+
+    def _event_chunks(self, group: str, cols: tuple[str, ...], code_field: str, n_codes: int,
+                      chunk_rows: int) -> Iterator[npt.NDArray[np.void]]:
+        """The events of group, chunk_rows at a time, up to the first one a possibly-live writer has not
+        fully flushed (as _complete_events, without loading the whole table)."""
+        n_ev = self._n[f"{group}/events"]
+        n_dev = min(self._n[f"{group}/{c}"] for c in cols)
+        for lo in range(0, n_ev, chunk_rows):
+            ev = self._guard(lambda a=lo: self._ds[f"{group}/events"][a:min(a + chunk_rows, n_ev)])
+            ok = (ev["start"] + ev["count"] <= n_dev) & (ev[code_field] < n_codes)
+            if not ok.all():
+                cut = int(np.argmin(ok))
+                if cut:
+                    yield ev[:cut]
+                return
+            yield ev
+
+    def _device_windows(self, group: str, ev: npt.NDArray[np.void], cols: tuple[str, ...], chunk_rows: int
+                        ) -> Iterator[tuple[npt.NDArray[np.int64], dict[str, np.ndarray]]]:
+        """The device rows of the events ev, at most chunk_rows at a time and in event order:
+        (index into ev of each row, {column: values})."""
+        start = ev["start"].astype(np.int64)
+        stop = start + ev["count"].astype(np.int64)
+        if not len(ev) or int(stop.max()) <= int(start.min()):
+            return
+        lo, hi = int(start.min()), int(stop.max())
+        for a in range(lo, hi, chunk_rows):
+            b = min(a + chunk_rows, hi)
+            s, e = np.maximum(start, a), np.minimum(stop, b)
+            sel = np.flatnonzero(e > s)
+            if not sel.size:
+                continue
+            n = (e - s)[sel]
+            which = np.repeat(sel, n)
+            # row offsets inside [a, b): each selected event's rows s..e-1, in event order
+            first = np.cumsum(n) - n
+            rows = np.repeat(s[sel] - a - first, n) + np.arange(int(n.sum()))
+            data = {c: self._guard(lambda c=c: self._ds[f"{group}/{c}"][a:b])[rows] for c in cols}
+            yield which.astype(np.int64), data
+
+    def iter_read_events(self, chunk_rows: int = 1 << 16) -> Iterator[dict[str, np.ndarray]]:
+        """read_events() in pieces of at most chunk_rows events, in order; reads the table a piece at a time."""
+        names = np.array(self._reason_names, dtype=str) if self._reason_names else np.array([], str)
+        for ev in self._event_chunks("reads", ("address", "conductance_us"), "reason", len(self._reason_names),
+                                     _rows(chunk_rows)):
+            out = {k: ev[k].copy() for k in ("seq", "step", "t_s", "wall_s", "start", "count")}
+            out["reason_code"] = ev["reason"].astype(np.int64)
+            out["reason"] = names[ev["reason"]]
+            yield out
+
+    def iter_reads(self, chunk_rows: int = 1 << 20) -> Iterator[dict[str, np.ndarray]]:
+        """reads() in pieces of at most chunk_rows device rows, in order, reading the log a piece at a time
+        (so a log larger than memory can be gone through). Each piece also has seq (the read call's),
+        reason_code and event (the row of the read call in read_events())."""
+        chunk_rows = _rows(chunk_rows)
+        names = np.array(self._reason_names, dtype=str) if self._reason_names else np.array([], str)
+        done = 0
+        for ev in self._event_chunks("reads", ("address", "conductance_us"), "reason", len(self._reason_names),
+                                     chunk_rows):
+            for i, d in self._device_windows("reads", ev, ("address", "conductance_us"), chunk_rows):
+                e = ev[i]
+                yield {"seq": e["seq"], "step": e["step"], "t_s": e["t_s"], "wall_s": e["wall_s"],
+                       "address": d["address"].astype(np.int64), "conductance_us": d["conductance_us"],
+                       "reason": names[e["reason"]], "reason_code": e["reason"].astype(np.int64),
+                       "event": i + done}
+            done += len(ev)
+
+    def iter_program_events(self, chunk_rows: int = 1 << 16) -> Iterator[dict[str, np.ndarray]]:
+        """program_events() in pieces of at most chunk_rows programs, in order, each program with its
+        devices (count), set_pulses and reset_pulses (sums over its devices); device rows are read
+        chunk_rows at a time."""
+        chunk_rows = _rows(chunk_rows)
+        cols = ("address", "set_count", "reset")
+        for ev in self._event_chunks("programs", cols, "shapes", self._n["programs/shapes"], chunk_rows):
+            sets = np.zeros(len(ev), np.int64)
+            resets = np.zeros(len(ev), np.int64)
+            for i, d in self._device_windows("programs", ev, ("set_count", "reset"), chunk_rows):
+                sets += np.bincount(i, weights=d["set_count"], minlength=len(ev)).astype(np.int64)
+                resets += np.bincount(i, weights=d["reset"] != 0, minlength=len(ev)).astype(np.int64)
+            out = {k: ev[k].copy() for k in ev.dtype.names}
+            out["set_pulses"], out["reset_pulses"] = sets, resets
+            yield out
+
+    def iter_program_devices(self, chunk_rows: int = 1 << 20) -> Iterator[dict[str, np.ndarray]]:
+        """Every logged program's devices, flat, in logged order, at most chunk_rows rows at a time: seq,
+        program_id, step, t_s, wall_s, shapes (code) of the program; address, set_count, reset (bool) of
+        the device; event (the program's row in program_events())."""
+        chunk_rows = _rows(chunk_rows)
+        cols = ("address", "set_count", "reset")
+        done = 0
+        for ev in self._event_chunks("programs", cols, "shapes", self._n["programs/shapes"], chunk_rows):
+            for i, d in self._device_windows("programs", ev, cols, chunk_rows):
+                e = ev[i]
+                yield {"seq": e["seq"], "program_id": e["program_id"], "step": e["step"], "t_s": e["t_s"],
+                       "wall_s": e["wall_s"], "shapes": e["shapes"], "address": d["address"].astype(np.int64),
+                       "set_count": d["set_count"].astype(np.int64), "reset": d["reset"].astype(np.bool_),
+                       "event": i + done}
+            done += len(ev)
+
     def shapes(self, code: int) -> PulseShapes:
         """The pulse shapes logged under code (the programs table's shapes column)."""
         if not 0 <= code < self._n["programs/shapes"]:
@@ -280,6 +390,12 @@ class RunLogReader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _rows(chunk_rows: int) -> int:
+    if int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    return int(chunk_rows)
 
 
 def verify_log(path: str | Path) -> str:
