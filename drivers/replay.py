@@ -25,7 +25,18 @@ WINDOW_ROWS = 1 << 20   # per-device rows fetched from the file at a time
 
 
 class ReplayMismatch(DriverError):
-    """A read or program asked of a ReplayDriver is not the one the log recorded next."""
+    """A read or program asked of a ReplayDriver is not the one the log recorded next.
+
+    op: the position of the logged operation it was compared with (reads and programs in logged order; == the
+    number of operations replayed before it); logged_step: that operation's step (None past the log's end);
+    program_id: the id of the program asked for (None for a read); never_logged: the request has no counterpart
+    in the log (a read or program where the log has none, or past its end).
+    """
+
+    def __init__(self, message: str, *, op: int = 0, logged_step: int | None = None,
+                 program_id: int | None = None, never_logged: bool = False) -> None:
+        super().__init__(message)
+        self.op, self.logged_step, self.program_id, self.never_logged = op, logged_step, program_id, never_logged
 
 
 class ReplayDriver(ArrayDriver):
@@ -33,6 +44,8 @@ class ReplayDriver(ArrayDriver):
 
     The log must have been closed or flushed up to the part to replay; its checksums are verified
     before anything is served. Analog mvm is not recorded in a log, so a replay offers no MVM capability.
+    last_program_id() starts one below the log's first program id (what the logged run's chip said), so a run
+    started on a replay numbers its programs as the logged one did.
     """
 
     def __init__(self, log: str | Path | RunLogReader, *, geometry: Geometry | None = None,
@@ -73,7 +86,10 @@ class ReplayDriver(ArrayDriver):
         times = np.concatenate([self._reads["t_s"], progs["t_s"]])[order]
         self._op_time = times
         self._next = 0
-        self._last_id: int | None = None
+        # Before the log's first program the chip's last id was the one below it (a run's ids continue above the
+        # chip's last one), so a run made on this driver numbers its programs as the logged run did.
+        first = int(progs["program_id"][0]) if len(progs["program_id"]) else 0
+        self._last_id: int | None = first - 1 if first > 1 else None
         self._window = (0, 0)
         self._win_addr = np.empty(0, np.int64)
         self._win_g = np.empty(0, np.float32)
@@ -94,41 +110,66 @@ class ReplayDriver(ArrayDriver):
         return f"replay of {self._recorded_identity} from {self._reader.path}"
 
     @property
+    def replayed(self) -> int:
+        """Logged operations (reads and programs) re-served so far."""
+        return self._next
+
+    @property
     def remaining(self) -> int:
         """Logged operations (reads and programs) not yet re-served."""
         return len(self._op_kind) - self._next
 
     # ------------------------------------------------------------------ the contract
     def _read(self, addresses: npt.NDArray[np.int64], whole: bool) -> ReadResult:
-        i = self._expect(0, "a read")
+        i = self._expect(0, f"a read of {addresses.size} devices", None)
         start, count = int(self._reads["start"][i]), int(self._reads["count"][i])
         addr, g = self._devices(start, count)
         if addr.shape != addresses.shape or not np.array_equal(addr, addresses):
             raise ReplayMismatch(f"read {i} of the log (step {int(self._reads['step'][i])}, reason "
                                  f"{str(self._reads['reason'][i])!r}) was of {count} devices "
-                                 f"{_first_difference(addr, addresses)}; this request differs")
+                                 f"{_first_difference(addr, addresses)}; this request differs",
+                                 op=self._next, logged_step=int(self._reads["step"][i]))
         self._next += 1
         return ReadResult(addresses, g.copy(), float(self._reads["t_s"][i]))
 
     def _apply(self, program: PulseProgram) -> None:
-        i = self._expect(1, f"program {program.program_id}")
+        i = self._expect(1, f"program {program.program_id}", program.program_id)
         step, _, logged = self._programs[i]
         what = _program_difference(logged, program)
         if what:
-            raise ReplayMismatch(f"program {program.program_id} differs from program {i} of the log "
-                                 f"(id {logged.program_id}, step {step}): {what}")
+            raise ReplayMismatch(f"program {program.program_id} differs from the log's next program (id "
+                                 f"{logged.program_id}, logged at step {step}): {what}", op=self._next,
+                                 logged_step=step, program_id=program.program_id)
         self._next += 1
         self._last_id = program.program_id
 
-    def _expect(self, kind: int, what: str) -> int:
+    def _expect(self, kind: int, what: str, program_id: int | None) -> int:
+        """The index (among the log's reads, or programs) of the next logged operation, which must be of kind."""
+        never = "a read that was never logged" if kind == 0 else "a program that was never logged"
         if self._next >= len(self._op_kind):
-            raise ReplayMismatch(f"asked for {what}, but all {len(self._op_kind)} logged operations were replayed")
+            raise ReplayMismatch(f"asked for {what}, {never}: all {len(self._op_kind)} logged operations were "
+                                 "replayed", op=self._next, program_id=program_id, never_logged=True)
         if self._op_kind[self._next] != kind:
             j = int(self._op_index[self._next])
-            nxt = (f"program {self._programs[j][2].program_id} (step {self._programs[j][0]})" if self._op_kind[self._next]
-                   else f"a read (step {int(self._reads['step'][j])}, reason {str(self._reads['reason'][j])!r})")
-            raise ReplayMismatch(f"asked for {what}, but the log's next operation ({self._next}) is {nxt}")
+            if self._op_kind[self._next]:
+                step = self._programs[j][0]
+                nxt = f"program {self._programs[j][2].program_id} (step {step})"
+            else:
+                step = int(self._reads["step"][j])
+                nxt = f"a read (step {step}, reason {str(self._reads['reason'][j])!r})"
+            raise ReplayMismatch(f"asked for {what}, {never}: the log's next operation ({self._next}) is {nxt}",
+                                 op=self._next, logged_step=step, program_id=program_id, never_logged=True)
         return int(self._op_index[self._next])
+
+    def next_operation(self) -> str | None:
+        """The log's next operation in words ('program 7 (step 3)', 'a read (step 3, reason ...)'); None at the end."""
+        if self._next >= len(self._op_kind):
+            return None
+        j = int(self._op_index[self._next])
+        if self._op_kind[self._next]:
+            return f"program {self._programs[j][2].program_id} (step {self._programs[j][0]})"
+        return f"a read of {int(self._reads['count'][j])} devices (step {int(self._reads['step'][j])}, reason " \
+               f"{str(self._reads['reason'][j])!r})"
 
     def _devices(self, start: int, count: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         lo, hi = self._window
@@ -169,7 +210,11 @@ def _program_difference(logged: PulseProgram, p: PulseProgram) -> str:
     if logged.program_id != p.program_id:
         return f"logged id {logged.program_id}"
     if logged.n_devices != p.n_devices or not np.array_equal(logged.addresses, p.addresses):
-        return f"addresses differ ({logged.n_devices} logged, {p.n_devices} given)"
+        if logged.n_devices != p.n_devices:
+            return f"addresses differ ({logged.n_devices} logged, {p.n_devices} given)"
+        k = int(np.flatnonzero(logged.addresses != p.addresses)[0])
+        return (f"addresses differ (position {k}: logged device {int(logged.addresses[k])}, "
+                f"given {int(p.addresses[k])})")
     if not np.array_equal(logged.set_counts, p.set_counts):
         k = int(np.flatnonzero(logged.set_counts != p.set_counts)[0])
         return (f"SET count of device {int(p.addresses[k])} is {int(p.set_counts[k])}, "

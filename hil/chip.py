@@ -102,7 +102,7 @@ def require_calibration(cfg: RunConfig) -> None:
     The host would program the default model's response, which no real chip has (docs/training.md).
     """
     d = cfg.driver
-    if d.kind == "mock" or d.params_file or cfg.update.eps == "auto" or d.uncalibrated_ok \
+    if d.kind in ("mock", "replay") or d.params_file or cfg.update.eps == "auto" or d.uncalibrated_ok \
             or getattr(d, "dry_run", False):
         return
     raise ConfigError("this chip is not calibrated: the host would assume the default PCM model's pulse response "
@@ -123,8 +123,20 @@ def limits_in_force(cfg: RunConfig) -> SafetyLimits:
 
 def make_driver(cfg: RunConfig, shapes: list[tuple[int, int]], model: ChipModel) -> ArrayDriver:
     """The array the config names: an in-process mock sized to the network's layers (fan_in, fan_out), or a
-    tester over VISA / serial, or a plugin."""
+    tester over VISA / serial, or a plugin, or a replay of a run log (which checks the programs of a dry run
+    too, so it is never wrapped in a DryRunDriver)."""
     d = cfg.driver
+    if d.kind == "replay":
+        from drivers.replay import ReplayDriver
+
+        assert d.resource is not None
+        replay = ReplayDriver(d.resource)
+        try:
+            replay.narrow_limits(limits_in_force(cfg))
+        except BaseException:
+            replay.close()
+            raise
+        return replay
     if d.kind == "mock":
         g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0)
         check_run_fits(g.n_devices, n_weights(shapes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip")
@@ -186,5 +198,5 @@ def run_warnings(cfg: RunConfig, model: ChipModel, beta: list[float], eps: list[
 def journal_fsync(cfg: RunConfig) -> bool:
     """Whether each journal record is fsynced before its program is sent (docs/checkpoint.md)."""
     mode = cfg.checkpoint.journal_fsync
-    return mode == "always" or (mode == "auto" and cfg.driver.kind != "mock")
+    return mode == "always" or (mode == "auto" and cfg.driver.kind not in ("mock", "replay"))
 

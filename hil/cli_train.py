@@ -21,13 +21,16 @@ console = Console()
 
 
 def driver_overrides(driver: str) -> dict[str, Any]:
-    """--driver VALUE as config keys: 'mock', a plugin ('package.module:Class' or a registered name),
-    a serial URL / device path, or a VISA resource."""
+    """--driver VALUE as config keys: 'mock', 'replay:PATH/run.h5' (a run log re-served), a plugin
+    ('package.module:Class' or a registered name), a serial URL / device path, or a VISA resource."""
     from drivers.plugins import is_plugin
     from drivers.transport import is_serial_url
 
     if driver == "mock":
         return {"driver.kind": "mock"}
+    if driver.startswith("replay:"):
+        return {"driver.kind": "replay", "driver.resource": driver.removeprefix("replay:"), "driver.plugin": None,
+                "driver.options": {}}
     if is_plugin(driver):
         return {"driver.kind": "plugin", "driver.plugin": driver}
     return {"driver.kind": "serial" if is_serial_url(driver) else "visa", "driver.resource": driver}
@@ -184,6 +187,9 @@ def train_cmd(
                                   "/--dry-run are refused")
             run_dir = resume
             cfg_total = load_config(resume / "config.toml")
+            if cfg_total.driver.kind == "replay":
+                raise ConfigError(f"{resume} is a replay of {cfg_total.driver.resource}; a replay is not resumed: "
+                                  "replay the run again into a new directory")
             runner = lambda bar: resume_run(resume, config=given, driver=driver, baseline=baseline,  # noqa: E731
                                             progress=bar, notify=say, stop=stop)
         else:
@@ -268,10 +274,22 @@ def _resume_command(run_dir: Path, driver: str | None) -> str:
 def _fail(message: str, run_dir: Path | None, driver: str | None) -> None:
     """One error line (and, where the run left a checkpoint, how to resume it); exit 2."""
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    if run_dir is not None and (Path(run_dir) / "checkpoint.npz").exists():
+    if run_dir is not None and (Path(run_dir) / "checkpoint.npz").exists() and not _replayed(run_dir, driver):
         console.print(f"the run is resumable: {escape(_resume_command(run_dir, driver))}", soft_wrap=True,
                       highlight=False)
     raise typer.Exit(2)
+
+
+def _replayed(run_dir: Path, driver: str | None) -> bool:
+    """A run trained on a replay of a log (--driver replay:PATH): not resumable (a replay starts at the log's start)."""
+    from .config import ConfigError, load_config
+
+    if driver is not None and driver.startswith("replay:"):
+        return True
+    try:
+        return load_config(Path(run_dir) / "config.toml").driver.kind == "replay"
+    except ConfigError:
+        return False
 
 
 @contextmanager

@@ -87,10 +87,11 @@ class DataConfig(_Strict):
 
 class DriverConfig(_Strict):
     """Which array to train on. mock: in-process simulated chip; visa / serial: a tester behind a link;
-    plugin: a lab's own driver (docs/drivers.md)."""
+    plugin: a lab's own driver (docs/drivers.md); replay: a run log re-served read for read (docs/run-log.md)."""
 
-    kind: Literal["mock", "visa", "serial", "plugin"] = "mock"
-    resource: str | None = Field(None, description="VISA resource string (kind=visa) or serial URL (kind=serial).")
+    kind: Literal["mock", "visa", "serial", "plugin", "replay"] = "mock"
+    resource: str | None = Field(None, description="VISA resource string (kind=visa), serial URL (kind=serial), or "
+                                                   "the run log (run.h5) to replay (kind=replay).")
     plugin: str | None = Field(None, description="kind=plugin: 'package.module:Class' or a name registered under "
                                                  "the pcm_hil.drivers entry point group.")
     options: dict[str, Any] = Field(default_factory=dict, description="kind=plugin: keyword arguments of the "
@@ -118,6 +119,8 @@ class DriverConfig(_Strict):
     def _resource_given(self) -> Self:
         if self.kind in ("visa", "serial") and not self.resource:
             raise ValueError(f"driver.kind = {self.kind!r} needs driver.resource (a VISA resource or serial URL)")
+        if self.kind == "replay" and not self.resource:
+            raise ValueError("driver.kind = \"replay\" needs driver.resource (the run log to replay, RUN_DIR/run.h5)")
         if (self.kind == "plugin") != (self.plugin is not None):
             raise ValueError("driver.plugin names the driver of kind = \"plugin\", and only of it")
         if self.options and self.kind != "plugin":
