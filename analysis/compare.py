@@ -78,7 +78,7 @@ def _row(run: Run, label: str) -> list[str]:
     return [label, short_state, _num(run.test_accuracy), _num(run.baseline_accuracy),
             f"{run.epochs_done}/{planned}" if planned else str(run.epochs_done), _num(run.last_step),
             _num(run.set_pulses), _num(run.reset_pulses), _num(run.refreshes),
-            _num(run.us_per_sample, 1) if run.us_per_sample is not None else MISSING]
+            f"{run.us_per_sample:,.1f}" if run.us_per_sample is not None else MISSING]
 
 
 def compare_runs(paths: list[str | Path]) -> Comparison:
