@@ -191,7 +191,7 @@ def train_cmd(
                 raise ConfigError(f"{resume} is a replay of {cfg_total.driver.resource}; a replay is not resumed: "
                                   "replay the run again into a new directory")
             runner = lambda bar: resume_run(resume, config=given, driver=driver, baseline=baseline,  # noqa: E731
-                                            progress=bar, notify=say, stop=stop)
+                                            progress=bar, notify=say, stop=stop, baseline_progress=bar)
         else:
             cfg = load_config(config) if config is not None else RunConfig()
             over: dict[str, Any] = {}
@@ -217,7 +217,7 @@ def train_cmd(
             cfg_total = cfg
             run_dir = out or Path("runs") / f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
             runner = lambda bar: start_run(cfg, run_dir, baseline=baseline, progress=bar, notify=say,  # noqa: E731
-                                           stop=stop)
+                                           stop=stop, baseline_progress=bar)
 
         p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                      TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"), TimeElapsedColumn(),

@@ -195,8 +195,12 @@ def _tester_last_id(inner: ArrayDriver) -> int:
 
 def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress: ProgressFn | None = None,
               stop_after_steps: int | None = None, progress_every: int = 200, notify: NotifyFn | None = None,
+              baseline_progress: ProgressFn | None = None,
               stop: StopFlag | None = None) -> dict[str, Any]:
     """A new run in run_dir (which must not exist); returns the summary (also written to summary.json).
+
+    progress is called by the chip's trainer every progress_every steps and after each epoch;
+    baseline_progress the same way by the baseline's (baseline=True), which trains after the chip.
 
     Everything that can be checked is checked before run_dir is made; a run refused before its first
     program is sent leaves no run_dir behind.
@@ -239,7 +243,7 @@ def start_run(cfg: RunConfig, run_dir: Path, *, baseline: bool = False, progress
             t.array.initialize(t.w0)
             t.checkpoint()
             return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
-                                     progress_every, stop)
+                                     progress_every, stop, baseline_progress)
     except BaseException as e:
         if made and _nothing_reached_the_chip(s, e):
             s.close()
@@ -290,7 +294,8 @@ def _nothing_reached_the_chip(s: Session, e: BaseException) -> bool:
 
 def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, baseline: bool,
                       progress: ProgressFn | None, stop_after_steps: int | None,
-                      progress_every: int = 200, stop: StopFlag | None = None) -> dict[str, Any]:
+                      progress_every: int = 200, stop: StopFlag | None = None,
+                      baseline_progress: ProgressFn | None = None) -> dict[str, Any]:
     t = s.trainer
     t.stop_flag = stop
     t.run(progress, progress_every, stop_after_steps=stop_after_steps)
@@ -298,7 +303,7 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     summary = t.summary()
     summary["baseline_test_accuracy"] = None
     if baseline and t.at.epoch >= cfg.update.epochs:
-        b = run_baseline(cfg, data, progress, progress_every)
+        b = run_baseline(cfg, data, baseline_progress, progress_every)
         summary["baseline_test_accuracy"] = b.summary()["test_accuracy"]
         if s.writer is not None:
             # beside the chip's rows, under their own names (a reader selecting rows by "epoch" gets the chip's)
@@ -323,7 +328,7 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
 
 def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | None = None, baseline: bool = False,
                progress: ProgressFn | None = None, stop_after_steps: int | None = None,
-               progress_every: int = 200, notify: NotifyFn | None = None,
+               progress_every: int = 200, notify: NotifyFn | None = None, baseline_progress: ProgressFn | None = None,
                stop: StopFlag | None = None) -> dict[str, Any]:
     """Continue the run in run_dir from its checkpoint and journal; config, if given, must equal the run's.
 
@@ -400,7 +405,7 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
             t.array.read(None, "resume")
             t.checkpoint()
             return _train_and_finish(s, cfg, data, run_dir, baseline, progress, stop_after_steps,
-                                     progress_every, stop)
+                                     progress_every, stop, baseline_progress)
     finally:
         s.close()
 
