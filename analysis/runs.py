@@ -7,7 +7,6 @@ ends or stops) and config.toml are read when present, never required.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import struct
@@ -74,6 +73,10 @@ def writer_alive(log: Path) -> bool:
     """
     from drivers.runlog.files import WriterLock
 
+    try:
+        import fcntl  # POSIX only: elsewhere a run's state comes from summary.json alone
+    except ImportError:
+        return False
     if not hasattr(fcntl, "F_OFD_GETLK"):
         return False
     try:
