@@ -39,6 +39,8 @@ from .trainer import CheckpointError, Trainer, load_checkpoint, restore, roll_fo
 
 log = logging.getLogger(__name__)
 
+#: The columns of the run log's mapping/table (its "columns" attribute; hil/mapping.py Mapping.table).
+MAPPING_COLUMNS = "layer, weight_row, weight_col, gplus_address, gminus_address"
 CONFIG_FILE = "config.toml"
 LOG_FILE = "run.h5"
 SUMMARY_FILE = "summary.json"
@@ -110,7 +112,7 @@ class Session:
         t.logger = writer  # (mvm products stay on inner: LoggedDriver passes them through unlogged)
         if not append:
             mapping = aw.mapping
-            writer.write_array("mapping/table", mapping.table())
+            writer.write_array("mapping/table", mapping.table(), columns=MAPPING_COLUMNS)
             for lm in mapping.layers:
                 writer.write_array(f"mapping/layer{lm.index}_gplus", lm.plus)
                 writer.write_array(f"mapping/layer{lm.index}_gminus", lm.minus)

@@ -201,3 +201,18 @@ def test_resume_of_a_mock_run_refuses_a_tester(tmp_path: Path) -> None:
     start_run(tiny(), run, stop_after_steps=10)
     with pytest.raises(CheckpointError, match="its own chip"):
         resume_run(run, driver="TCPIP::127.0.0.1::5025::SOCKET")
+
+
+def test_run_log_says_its_units_and_mapping_columns(tmp_path: Path) -> None:
+    import h5py
+
+    from drivers.runlog.schema import UNITS
+
+    start_run(tiny(**{"data.train_limit": 20}), tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "run.h5", "r", swmr=True) as f:
+        assert f["reads/conductance_us"].attrs["units"] == "uS"
+        assert f["programs/shapes"].attrs["units"].startswith("set_amplitude_ua=uA")
+        assert {n: f[n].attrs["units"] for n in UNITS} == UNITS
+        cols = f["arrays/mapping/table"].attrs["columns"].split(", ")
+        assert cols == ["layer", "weight_row", "weight_col", "gplus_address", "gminus_address"]
+        assert f["arrays/mapping/table"].shape[1] == len(cols)

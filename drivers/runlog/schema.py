@@ -54,6 +54,17 @@ DATASETS: dict[str, tuple[np.dtype, int]] = {
 }
 ARRAYS = "arrays"
 
+#: The ``units`` attribute of each dataset with a unit (a compound dataset's: "field=unit" pairs), written
+#: at creation (logs made before it have none; nothing else about the layout changed).
+UNITS: dict[str, str] = {
+    "reads/events": "t_s=s, wall_s=s",
+    "reads/conductance_us": "uS",
+    "programs/events": "t_s=s, wall_s=s",
+    "programs/set_count": "pulses",
+    "programs/shapes": "set_amplitude_ua=uA, set_width_ns=ns, reset_amplitude_ua=uA, reset_width_ns=ns",
+    "metrics/rows": "wall_s=s",
+}
+
 #: One row per dataset per flush that added rows to it: the CRC-32 (zlib's) of rows start..stop-1
 #: as their little-endian bytes in the dataset's dtype. Schema 2 and later.
 CHECKSUMS = "checksums"

@@ -105,6 +105,8 @@ class RunLogWriter:
                     create_name_table(f, name, chunk)
                 else:
                     f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
+                if name in _schema.UNITS:
+                    f[name].attrs["units"] = _schema.UNITS[name]
             sums = f.create_dataset(CHECKSUMS, shape=(0,), maxshape=(None,), dtype=_schema.CHECKSUM_ROW,
                                     chunks=(_schema.CHECKSUM_CHUNK,))
             sums.attrs["datasets"] = np.array(list(_schema.DATASETS), dtype=h5py.string_dtype("ascii"))
@@ -353,8 +355,9 @@ class RunLogWriter:
         except _WRITE_ERRORS as e:
             self._fail("writing metrics", e)
 
-    def write_array(self, name: str, data: np.ndarray) -> None:
-        """Store a whole (small) array under /arrays/name, e.g. "mapping/fc1_gplus", with its CRC-32.
+    def write_array(self, name: str, data: np.ndarray, **attrs: str) -> None:
+        """Store a whole (small) array under /arrays/name, e.g. "mapping/fc1_gplus", with its CRC-32 and any
+        string attrs (e.g. columns="layer, row, ...", units="uS").
 
         Writing the same name again with equal contents does nothing (a resumed run may repeat its
         set-up); different contents raise RunLogError, nothing is overwritten.
@@ -377,6 +380,8 @@ class RunLogWriter:
             self._space.need(data.nbytes + 4096)
             ds = self._f.create_dataset(full, data=data)
             ds.attrs[ARRAY_CRC_ATTR] = np.uint32(crc(data))
+            for k, v in attrs.items():
+                ds.attrs[k] = str(v)
             self._f.flush()
             self._space.flushed()
         except _WRITE_ERRORS as e:
