@@ -1,4 +1,4 @@
-"""`pcm-hil report`, `pcm-hil compare` and `pcm-hil export`: look at runs (analysis/ does the work; docs/report.md)."""
+"""`pcm-hil report`, `pcm-hil compare`, `pcm-hil export` and `pcm-hil watch`: look at runs (analysis/ does the work; docs/report.md)."""
 
 from __future__ import annotations
 
@@ -136,3 +136,65 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report_cmd)
     app.command("compare")(compare_cmd)
     app.command("export")(export_cmd)
+    app.command("watch")(watch_cmd)
+
+
+def watch_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder of a run being written (or finished: shown once).")],
+    every: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
+    html: Annotated[bool, typer.Option("--html", help="Rewrite RUN_DIR/report/report.html every --every "
+                                                      "seconds (at least 5) instead of the terminal dashboard.")] = False,
+) -> None:
+    """Follow a run through its log (SWMR; never blocks or slows the writer) until it ends or Ctrl-C."""
+    import time
+
+    from rich.live import Live
+
+    from analysis import AnalysisError
+    from analysis.watch import Watcher, rows
+
+    try:
+        w = Watcher(run_dir)
+    except AnalysisError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+    def table(snap: object) -> Table:
+        t = Table(title=f"pcm-hil watch: {escape(str(w.run_dir))}", title_justify="left")
+        t.add_column("quantity")
+        t.add_column("value")
+        for k, v in rows(snap):  # type: ignore[arg-type]
+            t.add_row(escape(k), escape(v))
+        return t
+
+    try:
+        if html:
+            from analysis import write_report
+
+            while True:
+                snap = w.tick()
+                rep = write_report(w.run_dir)
+                _say(f"{time.strftime('%H:%M:%S')} step {snap.step:,} ({snap.state}): {rep.html}")
+                if once or snap.state != "being written":
+                    return
+                time.sleep(max(every, 5.0))
+        snap = w.tick()
+        if once or snap.state != "being written" or not console.is_terminal:
+            # not a terminal: one table per refresh, as plain lines (a log file or a pipe)
+            while True:
+                _print(table(snap))
+                if once or snap.state != "being written":
+                    return
+                time.sleep(every)
+                snap = w.tick()
+        with Live(table(snap), console=console, refresh_per_second=4) as live:
+            while snap.state == "being written":
+                time.sleep(every)
+                snap = w.tick()
+                live.update(table(snap))
+    except KeyboardInterrupt:
+        return
+    except AnalysisError as e:
+        raise _fail(str(e), e.exit_code) from None
+    finally:
+        w.close()

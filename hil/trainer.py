@@ -32,6 +32,9 @@ from .network import Factors, StepResult, accumulate, fast_forward, fast_step
 from .networks import Network, build_network
 
 CHECKPOINT = "checkpoint.npz"
+#: Steps between the running metrics a logged run writes (running accuracy, samples trained, training time),
+#: which `pcm-hil watch` shows between two epochs.
+RUNNING_METRICS_EVERY = 500
 CHECKPOINT_FORMAT = "pcm-hil-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -308,12 +311,19 @@ class Trainer:
                 self.train_step(order[self.at.pos:self.at.pos + bs])
                 if self.array is not None:
                     self._after_step()
+                    if self.logger is not None and self.at.step % RUNNING_METRICS_EVERY == 0:
+                        self._log_running()
                 if progress is not None and self.at.step % progress_every == 0:
                     progress(self)
             self.at.train_seconds += time.perf_counter() - t0
             self._end_epoch()
             if progress is not None:
                 progress(self)
+
+    def _log_running(self) -> None:
+        at = self.at
+        self.logger.log_metrics(at.step, running_epoch=float(at.epoch + 1),
+                                running_accuracy=at.correct / max(at.seen, 1), samples_trained=float(at.samples_trained))
 
     @property
     def stop_requested(self) -> int:

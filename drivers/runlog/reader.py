@@ -195,6 +195,16 @@ class RunLogReader:
                     self._ds["reads/conductance_us"][start:min(stop, n)])
         return self._guard(rows)
 
+    def program_devices(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Flat per-device rows start..stop-1 of the programs (those flushed): address, set_count, reset (bool)."""
+        def rows() -> dict[str, np.ndarray]:
+            n = min(self._n["programs/address"], self._n["programs/set_count"], self._n["programs/reset"])
+            hi = min(stop, n)
+            return {"address": self._ds["programs/address"][start:hi].astype(np.int64),
+                    "set_count": self._ds["programs/set_count"][start:hi].astype(np.int64),
+                    "reset": self._ds["programs/reset"][start:hi].astype(np.bool_)}
+        return self._guard(rows)
+
     def program_events(self) -> dict[str, np.ndarray]:
         """Per program: seq, program_id, step, t_s (s, NaN: not recorded), wall_s, shapes (code), start, count."""
         ev = self._program_table()
