@@ -313,6 +313,9 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
                 s.writer.log_metrics(t.at.step, baseline_epoch=row["epoch"],
                                      baseline_test_accuracy=row["test_accuracy"],
                                      baseline_train_accuracy=row["train_accuracy"])
+            # the baseline's final weights, shaped like the layer's mapping/layerN_gplus (pcm-hil report's weights)
+            for i, w in enumerate(b.weights):
+                s.writer.write_array(f"baseline/layer{i}_weights", w, units="weight units")
     summary["reads_logged"] = s.writer.counts["reads"] if s.writer is not None else 0
     summary["unapplied_program_ids"] = t.unapplied_program_ids
     summary["finished"] = t.at.epoch >= cfg.update.epochs

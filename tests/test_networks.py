@@ -200,6 +200,10 @@ def test_baseline_per_epoch_metrics_are_logged(tmp_path: Path) -> None:
     assert list(m["baseline_epoch"][rows]) == [1.0, 2.0]
     assert m["baseline_test_accuracy"][rows][-1] == s["baseline_test_accuracy"]
     assert list(m["epoch"][~np.isnan(m["epoch"])]) == [1.0, 2.0]  # the chip's epochs stay the chip's
+    with RunLogReader(tmp_path / "run" / "run.h5") as r:
+        for i in range(2):
+            w = r.array(f"baseline/layer{i}_weights")
+            assert w.shape == r.array(f"mapping/layer{i}_gplus").shape and np.abs(w).max() > 0
 
 
 def test_cnn_trains_on_a_local_cifar10_copy(tmp_path: Path) -> None:
