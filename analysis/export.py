@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from drivers.runlog import RunLogError, RunLogReader
 
-from .runs import SUMMARY_FILE, TRAIN_LOG, AnalysisError, _summary, find_log, writer_alive
+from .runs import SUMMARY_FILE, TRAIN_LOG, AnalysisError, _summary, find_log, open_log, writer_alive
 
 WHATS = ("reads", "programs", "pulses", "metrics")
 FORMATS = {"csv": ".csv", "parquet": ".parquet", "netcdf": ".nc"}
@@ -434,12 +434,7 @@ def export_run(path: str | Path, what: str, fmt: str, out: str | Path | None = N
     if dest.exists() and not force:
         raise AnalysisError(f"{dest} exists: give --force to replace it, or another --out", 2)
     live = writer_alive(log)
-    try:
-        reader = RunLogReader(log)
-    except RunLogError as e:
-        raise AnalysisError(str(e)) from None
-    except OSError as e:
-        raise AnalysisError(f"cannot read {log}: {e.strerror or e}") from None
+    reader = open_log(log)
     try:
         with reader as r:
             return _export(r, run_dir, log, dest, what, fmt, int(chunk_rows), live)

@@ -376,17 +376,22 @@ def _last_known(r: RunLogReader, end: int, n: int) -> np.ndarray:
     return g
 
 
+def open_log(log: Path) -> RunLogReader:
+    """A reader of the run log (SWMR); AnalysisError with one line if it cannot be opened."""
+    try:
+        return RunLogReader(log)
+    except RunLogError as e:
+        raise AnalysisError(str(e)) from None
+    except OSError as e:
+        raise AnalysisError(f"cannot read {log}: {e.strerror or e}") from None
+
+
 def load_run(path: str | Path) -> Run:
     """Read a run folder (or a run log file) into a Run; AnalysisError with one line if it cannot be read."""
     run_dir, log = find_log(path)
     live = writer_alive(log)
     notes: list[str] = []
-    try:
-        reader = RunLogReader(log)
-    except RunLogError as e:
-        raise AnalysisError(str(e)) from None
-    except OSError as e:
-        raise AnalysisError(f"cannot read {log}: {e.strerror or e}") from None
+    reader = open_log(log)
     try:
         with reader as r:
             return _load(r, run_dir, log, live, notes)

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drivers.runlog import RunLogReader
-
-from .runs import SUMMARY_FILE, AnalysisError, find_log, writer_alive
+from .runs import SUMMARY_FILE, find_log, open_log, writer_alive
 
 
 @dataclass
@@ -54,10 +52,7 @@ class Watcher:
 
     def __init__(self, path: str | Path) -> None:
         self.run_dir, self.log = find_log(path)
-        try:
-            self.reader = RunLogReader(self.log)
-        except Exception as e:  # noqa: BLE001 - any unreadable log is one line for the command
-            raise AnalysisError(f"{self.log}: {e}") from None
+        self.reader = open_log(self.log)
         self._prev: Snapshot | None = None
         self._set = self._reset = self._devices_seen = 0
 

@@ -12,8 +12,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
+
+from .consoles import print_unwrapped
 
 # soft_wrap: rich never breaks a line itself (a path broken across lines cannot be copied or matched);
 # highlight off: numbers and paths print as they are.
@@ -106,14 +107,8 @@ def _open_driver(spec: str, devices: int, rows: Optional[int], cols: Optional[in
     return TesterDriver.open(spec, timeout_s=timeout_s)
 
 
-def _print_unwrapped(renderable) -> None:
-    """At its natural width: a narrow terminal then wraps whole lines instead of rich breaking every cell."""
-    need = Measurement.get(console, console.options.update_width(10_000), renderable).maximum
-    if need <= console.width:
-        console.print(renderable)
-        return
-    Console(file=console.file, width=need, force_terminal=console.is_terminal, color_system=console.color_system,
-            soft_wrap=True, highlight=False).print(renderable)
+def _print_unwrapped(renderable: object) -> None:
+    print_unwrapped(console, renderable)
 
 
 def _report(result) -> None:

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
+
+from .consoles import print_unwrapped
 
 # soft_wrap: a path is never broken across lines; highlight off: numbers and paths print as they are.
 console = Console(soft_wrap=True, highlight=False)
@@ -22,13 +23,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _print(renderable: object) -> None:
-    """At the table's natural width: a narrow terminal wraps whole lines instead of rich squeezing every cell."""
-    need = Measurement.get(console, console.options.update_width(10_000), renderable).maximum
-    if need <= console.width:
-        console.print(renderable)
-        return
-    Console(file=console.file, width=need, force_terminal=console.is_terminal, color_system=console.color_system,
-            soft_wrap=True, highlight=False).print(renderable)
+    print_unwrapped(console, renderable)
 
 
 def _say(text: str) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from drivers import PulseProgram, PulseShapes
+
 _U32 = struct.Struct("<I")
 
 
@@ -179,3 +181,22 @@ def read_journal(path: str | Path) -> list[tuple[dict[str, Any], dict[str, np.nd
             raise JournalError(f"journal {p}: record at byte {off} is malformed: {e}") from e
         off = end
     return out
+
+
+def program_arrays(p: PulseProgram, small_addresses: bool) -> dict[str, np.ndarray]:
+    """A program's arrays as the journal keeps them: int32 addresses (arrays under 2**31 devices), uint8 SET
+    counts where they fit, no RESET flags when there are none; journaled_program restores them exactly."""
+    out = {"addresses": p.addresses.astype(np.int32) if small_addresses else p.addresses,
+           "set_counts": p.set_counts.astype(np.uint8) if p.set_counts.size and int(p.set_counts.max()) <= 255
+           and int(p.set_counts.min()) >= 0 else p.set_counts}
+    if p.reset_pulses:
+        out["reset"] = p.reset
+    return out
+
+
+def journaled_program(meta: dict[str, Any], arr: dict[str, np.ndarray], shapes: PulseShapes) -> PulseProgram:
+    """The PulseProgram of a journal record (int64 addresses and counts, as the live one; older records hold
+    them as int64 and always a reset array)."""
+    addresses = arr["addresses"].astype(np.int64)
+    reset = arr["reset"] if "reset" in arr else np.zeros(addresses.size, np.bool_)
+    return PulseProgram(int(meta["program_id"]), addresses, arr["set_counts"].astype(np.int64), reset, shapes)

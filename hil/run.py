@@ -35,7 +35,8 @@ from .mapping import Mapping
 from .networks import build_network
 from .reconcile import check_ledger, check_program_ids, expected_ledger, journaled_program_ids
 from .sizing import check_run_fits
-from .trainer import CheckpointError, Trainer, load_checkpoint, restore, roll_forward
+from .resume import load_checkpoint, restore, roll_forward
+from .trainer import CheckpointError, Trainer
 
 log = logging.getLogger(__name__)
 

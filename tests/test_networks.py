@@ -17,7 +17,7 @@ from hil.config import ConfigError, RunConfig
 from hil.data import load_digits
 from hil.journal import read_journal
 from hil.run import build_session, chip_model, layer_shapes, make_driver, start_run
-from hil.trainer import load_checkpoint, restore, roll_forward
+from hil.resume import load_checkpoint, restore, roll_forward
 
 CNN = {"data.name": "digits", "network.kind": "cnn", "network.cnn.channels": [8], "network.cnn.kernel": 3,
        "network.cnn.padding": 1, "network.cnn.fc": [], "update.lr": 0.03, "mapping.w_max": [1.0]}

@@ -183,7 +183,7 @@ def test_crash_and_resume_with_eps_auto_is_exact(tmp_path: Path) -> None:
     from hil.data import load_digits
     from hil.journal import read_journal
     from hil.run import build_session, chip_model
-    from hil.trainer import load_checkpoint, restore, roll_forward
+    from hil.resume import load_checkpoint, restore, roll_forward
 
     run = tmp_path / "run"
     seen = {}

@@ -53,7 +53,6 @@ seed = 3
 # its journal stores samples and read-backs, and a resume recomputes the steps (docs/checkpoint.md).
 CNN_CONFIG = CONFIG.replace("[network]\nhidden = [16]\n", "[network]\nkind = \"cnn\"\n[network.cnn]\nchannels = [8]\n"
                             "kernel = 3\npadding = 1\nfc = []\n").replace("lr = 0.1\n", "lr = 0.03\n")
-CNN_DEVICES = 129 * 36
 assert 'kind = "cnn"' in CNN_CONFIG and "lr = 0.03" in CNN_CONFIG
 
 
@@ -153,39 +152,25 @@ def test_kill9_resume_mock_chip(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_kill9_resume_emulated_tester_pulse_counts_match(tmp_path: Path) -> None:
+@pytest.mark.parametrize("config, rows, cols, seed", [
+    (CONFIG, 65, 52, 12),
+    # the CNN's resume recomputes the journaled steps: the same exactness as the MLP's factors give
+    (CNN_CONFIG, 129, 36, 13),
+], ids=["mlp", "cnn"])
+def test_kill9_resume_emulated_tester_pulse_counts_match(config: str, rows: int, cols: int, seed: int,
+                                                         tmp_path: Path) -> None:
     from drivers.tester import TesterDriver
     from hil.cli_emulator import EmulatorProcess
 
     cfg = tmp_path / "run.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(config)
     run = tmp_path / "run"
-    with EmulatorProcess(["--rows", "65", "--cols", "52", "--seed", "3"]) as emu:
+    with EmulatorProcess(["--rows", str(rows), "--cols", str(cols), "--seed", "3"]) as emu:
         killed = _run_with_kills(["--config", str(cfg), "--out", str(run), "--driver", emu.resource,
                                   "--set", "driver.uncalibrated_ok=true"],
-                                 ["--resume", str(run), "--driver", emu.resource], run, kills=3, seed=12)
+                                 ["--resume", str(run), "--driver", emu.resource], run, kills=3, seed=seed)
         assert killed >= 1
-        per_device = _check_accounting(run, 65 * 52)
-        with TesterDriver.open(emu.resource) as t:
-            applied_by_emulator = t.tester_lifetime_pulses()
-    np.testing.assert_array_equal(applied_by_emulator, per_device)
-
-
-@pytest.mark.slow
-def test_kill9_resume_cnn_emulated_tester_pulse_counts_match(tmp_path: Path) -> None:
-    """The CNN's resume recomputes the journaled steps: the same exactness as the MLP's factors give."""
-    from drivers.tester import TesterDriver
-    from hil.cli_emulator import EmulatorProcess
-
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(CNN_CONFIG)
-    run = tmp_path / "run"
-    with EmulatorProcess(["--rows", "129", "--cols", "36", "--seed", "3"]) as emu:
-        killed = _run_with_kills(["--config", str(cfg), "--out", str(run), "--driver", emu.resource,
-                                  "--set", "driver.uncalibrated_ok=true"],
-                                 ["--resume", str(run), "--driver", emu.resource], run, kills=3, seed=13)
-        assert killed >= 1
-        per_device = _check_accounting(run, CNN_DEVICES)
+        per_device = _check_accounting(run, rows * cols)
         with TesterDriver.open(emu.resource) as t:
             applied_by_emulator = t.tester_lifetime_pulses()
     np.testing.assert_array_equal(applied_by_emulator, per_device)

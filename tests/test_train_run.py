@@ -128,7 +128,7 @@ def test_resume_refuses_another_config_and_a_corrupt_checkpoint(tmp_path: Path) 
 
 def test_resume_refuses_another_chip(tmp_path: Path) -> None:
     from hil.run import build_session, chip_model
-    from hil.trainer import load_checkpoint, restore
+    from hil.resume import load_checkpoint, restore
 
     cfg = tiny()
     run = tmp_path / "run"

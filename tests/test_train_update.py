@@ -15,7 +15,7 @@ from hil.config import RunConfig
 from hil.data import load_digits
 from hil.journal import read_journal
 from hil.run import build_session, chip_model, layer_shapes, make_driver
-from hil.trainer import load_checkpoint, restore, roll_forward
+from hil.resume import load_checkpoint, restore, roll_forward
 
 
 @given(eps=st.floats(1e-9, 1e3), xs=st.lists(st.floats(0.0, 1e4), max_size=20))
