@@ -146,6 +146,9 @@ def build_network(cfg: RunConfig, data: Dataset, *, torch_model: bool | None = N
         for (_, layer), w in zip(analog_layers(model), w0, strict=True):
             layer.initial[:] = w
         return _network("mlp", model)
+    if net.kind == "gan":
+        # the GAN builds its two networks itself (hil/gan.py), imported only by a GAN run
+        return importlib.import_module("hil.gan").build_network(cfg, data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         raw = cnn_module(cfg, shape, data.n_classes) if net.kind == "cnn" else user_module(cfg, shape, data.n_classes)

@@ -18,7 +18,7 @@ from sim.files import read_npz
 
 from .array import UPDATE, ProgramRecord
 from .journal import JournalError, journaled_program, read_journal
-from .network import StepResult
+from .tasks import TaskStep
 from .trainer import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, Position, Trainer
 
 
@@ -108,7 +108,7 @@ def _journaled_input(arrays: dict[str, np.ndarray], layer: int, fan_in: int) -> 
 
 
 def _recompute_step(trainer: Trainer, meta: dict[str, Any], arr: dict[str, np.ndarray],
-                    previous_program: np.ndarray | None) -> StepResult:
+                    previous_program: np.ndarray | None) -> TaskStep:
     """A "recompute" record's step again: the host copy takes the conductances the record holds (at g_addr, or
     without it at the previous record's program addresses), then the same forward and backward pass on the same
     samples (digital parameters step too) gives the same factors."""
@@ -125,10 +125,7 @@ def _recompute_step(trainer: Trainer, meta: dict[str, Any], arr: dict[str, np.nd
         for lm, w in zip(aw.mapping.layers, aw.w, strict=True):
             np.subtract(aw.g[lm.plus], aw.g[lm.minus], out=w)
             w *= lm.beta
-    idx = arr["idx"]
-    step = int(meta["step"])
-    return trainer.forward_backward(trainer.data.x_train[idx], trainer.data.y_train[idx], step,
-                                    trainer.lr_for(int(meta["epoch"])))
+    return trainer.task_step(arr["idx"], int(meta["step"]), trainer.lr_for(int(meta["epoch"])))
 
 
 @dataclass
@@ -172,7 +169,8 @@ def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool
             at.step, at.epoch, at.pos = int(meta["step"]), int(meta["epoch"]), int(meta["pos"])
             at.seen += int(meta["n"])
             at.samples_trained += int(meta["n"])
-            at.correct += int(meta["correct"])
+            # classify's count is an int, another task's statistic a float: both as the live step added them
+            at.correct += meta["correct"]
         if "program_id" not in meta:
             continue
         prog = journaled_program(meta, arr, aw.shapes)

@@ -30,6 +30,7 @@ from .journal import Journal, program_arrays
 from . import response
 from .network import Factors, StepResult, accumulate, fast_forward, fast_step
 from .networks import Network, build_network
+from .tasks import Task, TaskStep, make_task
 
 CHECKPOINT = "checkpoint.npz"
 #: Steps between the running metrics a logged run writes (running accuracy, samples trained, training time),
@@ -50,8 +51,9 @@ class Position:
     step: int = 0
     epoch: int = 0
     pos: int = 0
-    seen: int = 0        # samples of this epoch so far
-    correct: int = 0     # of those, classified right before their update
+    seen: int = 0        # samples (training items) of this epoch so far
+    correct: int = 0     # the task's running statistic summed over them (classify: classified right before
+                         # their update; other tasks a float, e.g. the summed cross-entropy in nats)
     samples_trained: int = 0
     train_seconds: float = 0.0
 
@@ -130,6 +132,10 @@ class Trainer:
         self._pending_idx: np.ndarray | None = None
         self.model = network.model
         self.path = "fast" if self.model is None else "module"
+        # What the run learns (hil/tasks.py): classify for the MLP, CNN and modules, text for the LSTM, ...
+        self.task: Task = make_task(cfg, data, network)
+        # Where a task writes what an evaluation makes besides its metric (a GAN's image grid); None: nowhere.
+        self.artifact_dir: Path | None = journal_dir
         if use_mvm and self.model is None:
             raise ValueError("a driver with an analog multiply needs the network's torch model (build_network(..., "
                              "torch_model=True))")
@@ -161,17 +167,26 @@ class Trainer:
         u = self.cfg.update
         return u.lr * u.lr_decay ** epoch
 
-    def forward_backward(self, x: np.ndarray, y: np.ndarray, step: int = 0, lr: float = 0.0) -> StepResult:
-        """The step's predictions and analog factors; digital parameters take their SGD step (lr) here.
+    def forward_backward(self, x: np.ndarray, y: np.ndarray, step: int = 0) -> StepResult:
+        """Classification's forward and backward: predictions and analog factors (digital .grad left set)."""
+        if self.model is None:
+            return fast_step(self.weights, x, y)
+        return module_step(self.model, self.net.layers, x, y)
+
+    def task_step(self, idx: np.ndarray, step: int, lr: float) -> TaskStep:
+        """The task's forward and backward on the training items idx; digital parameters take their SGD step
+        (lr) here. Live and at a resume's recomputation alike.
 
         On the module path torch's generator is seeded by (seed, step), so a stochastic layer (dropout)
         draws the same at a resume's recomputation as it did live.
         """
         if self.model is None:
-            return fast_step(self.weights, x, y)
+            x, y = self.data.x_train[idx], self.data.y_train[idx]
+            res = fast_step(self.weights, x, y)
+            return TaskStep(res.factors, int(np.sum(res.predicted == y)))
         if self._seed_each_step:
             torch.manual_seed((self.cfg.seed * 1_000_003 + step) % 2**63)
-        res = module_step(self.model, self.net.layers, x, y)
+        res = self.task.step(self, idx, step)
         with torch.no_grad():
             for p in self.net.digital.values():
                 if p.grad is not None:
@@ -191,14 +206,13 @@ class Trainer:
 
     def train_step(self, idx: np.ndarray) -> None:
         """Forward, backward and update on the samples idx; journaled before any pulse is sent."""
-        x, y = self.data.x_train[idx], self.data.y_train[idx]
-        res = self.forward_backward(x, y, self.at.step + 1, self.lr_for(self.at.epoch))
+        res = self.task_step(idx, self.at.step + 1, self.lr_for(self.at.epoch))
         at = self.at
         at.step += 1
         at.pos += len(idx)
         at.seen += len(idx)
         at.samples_trained += len(idx)
-        correct = int(np.sum(res.predicted == y))
+        correct = res.stat
         at.correct += correct
         if self.array is None:
             for w, (a, d) in zip(self.weights, res.factors, strict=True):
@@ -280,9 +294,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self) -> float:
-        """Test accuracy (0..1); on an array, after reading the whole mapped array if the read policy says so."""
+        """The task's metric (classify: test accuracy, 0..1); on an array, after reading the whole mapped array if
+        the read policy says so."""
         if self.array is not None and self.cfg.read_policy.before_evaluation:
             self.array.read(None, "evaluation")
+        if self.model is None:
+            return self.accuracy()
+        return self.task.evaluate(self)
+
+    def accuracy(self) -> float:
+        """Test accuracy (0..1) of a classifier at its current weights."""
         x, y = self.data.x_test, self.data.y_test
         correct = 0
         n = 2000 if self.model is None else MODULE_EVAL_BATCH
@@ -298,7 +319,7 @@ class Trainer:
 
     def _run(self, progress: ProgressFn | None, progress_every: int, stop_after_steps: int | None) -> None:
         cfg = self.cfg
-        n = len(self.data.y_train)
+        n = self.task.n_items()
         bs = cfg.update.batch_size
         stop_at = None if stop_after_steps is None else self.at.step + stop_after_steps
         while self.at.epoch < cfg.update.epochs:
@@ -323,7 +344,12 @@ class Trainer:
     def _log_running(self) -> None:
         at = self.at
         self.logger.log_metrics(at.step, running_epoch=float(at.epoch + 1),
-                                running_accuracy=at.correct / max(at.seen, 1), samples_trained=float(at.samples_trained))
+                                **{self.task.running_metric: self.running_value()},
+                                samples_trained=float(at.samples_trained))
+
+    def running_value(self) -> float:
+        """The task's running statistic of the epoch so far (classify: the running train accuracy)."""
+        return self.task.running(self.at.correct, self.at.seen)
 
     @property
     def stop_requested(self) -> int:
@@ -388,9 +414,11 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         self.check_response(force=True)
-        acc = self.evaluate()
-        train_acc = self.at.correct / max(self.at.seen, 1)
-        row = {"epoch": float(self.at.epoch + 1), "test_accuracy": acc, "train_accuracy": train_acc}
+        value = self.evaluate()
+        task = self.task
+        row = {"epoch": float(self.at.epoch + 1), task.metric: value, task.train_metric: self.running_value()}
+        if self.model is not None:
+            row.update(task.epoch_extras(self))
         if self.array is not None:
             c = self.array.counters
             row.update(refreshes=float(c.refreshes), set_pulses=float(c.set_pulses),
@@ -480,8 +508,11 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         at = self.at
+        task = self.task
+        value = self.metrics[-1][task.metric] if self.metrics else None
         out: dict[str, Any] = {
-            "test_accuracy": self.metrics[-1]["test_accuracy"] if self.metrics else None,
+            task.metric: value,
+            "metric": {"name": task.metric, "value": value, "higher_is_better": task.higher_is_better},
             "epochs": at.epoch,
             "steps": at.step,
             "samples_trained": at.samples_trained,
