@@ -1,0 +1,809 @@
+"""Energy and time of a training run, counted from what the run did to the chip (docs/energy.md).
+
+`estimate(RUN_DIR, table=None) -> Estimate`:
+
+- counts, from the run log (and summary.json, config): per layer the multiply-accumulates of the forward and
+  backward passes and the conversions they need (from the layers' shapes in mapping/table and the number of
+  uses per sample: 1 for a fully connected layer, the output positions for a conv layer, from the logged
+  config and the data shape); the update's multiply-adds into chi over the nonzero inputs only (the first
+  layer's nonzero inputs counted in the data set the run trained on, over exactly the samples it trained);
+  SET and RESET pulses of the update, refresh and set-up programs with their logged amplitudes and widths;
+  device reads by reason, with the conductances they read; round trips;
+- an energy model over a per-operation table (analysis/energy_table.toml, every entry with value, unit and
+  source; `--table FILE` merges a partial table over it), for the chip (mixed precision: analog multiply,
+  digital chi) and for a fully digital 32-bit implementation of the same training;
+- a time model of the chip side (logged pulse widths, a stated read time per device, a stated link latency).
+
+Like the rest of analysis/, it reads a finished, a killed or a live run; what a truncated log cannot say is
+listed in `Estimate.not_counted`, and the rest is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drivers.runlog import RunLogError, RunLogReader
+from drivers.runlog.schema import ARRAYS
+
+from .runs import AnalysisError, _config, _json_attr, _summary, _text, find_log, open_log, writer_alive
+
+#: The table that ships with the project.
+DEFAULT_TABLE = Path(__file__).with_name("energy_table.toml")
+#: The paper's figure (Nandakumar et al., Front. Neurosci. 2020): energy efficiency of the mixed-precision
+#: architecture over a dedicated fully digital 32-bit implementation, training an MLP (173x in arXiv v1).
+PAPER_RATIO = 172.0
+
+#: Units an entry may be given in: dimension and factor to the canonical unit (pJ, pJ/bit, V, ns, bytes, bits).
+UNITS: dict[str, tuple[str, float]] = {
+    "fJ": ("energy", 1e-3), "pJ": ("energy", 1.0), "nJ": ("energy", 1e3), "uJ": ("energy", 1e6), "J": ("energy", 1e12),
+    "fJ/bit": ("energy per bit", 1e-3), "pJ/bit": ("energy per bit", 1.0),
+    "mV": ("voltage", 1e-3), "V": ("voltage", 1.0),
+    "ps": ("time", 1e-3), "ns": ("time", 1.0), "us": ("time", 1e3), "ms": ("time", 1e6), "s": ("time", 1e9),
+    "bytes": ("size", 1.0), "KiB": ("size", 1024.0), "MiB": ("size", 1024.0 ** 2), "GiB": ("size", 1024.0 ** 3),
+    "bits": ("bits", 1.0), "count": ("count", 1.0),
+}
+
+#: Read reasons of training (the read-backs and periodic reads a training step needs); the others are set-up
+#: (initial, probe), evaluation (not training) or a resume's.
+TRAINING_READS = ("after-program", "refresh-verify", "periodic")
+SETUP_READS = ("initial", "probe")
+#: Full reads of every mapped device: their mean conductance is the array's during the multiplies.
+FULL_READS = ("initial", "periodic", "evaluation", "resume")
+#: Program classes.
+UPDATE, REFRESH, SETUP = "update", "refresh", "setup"
+
+
+class EnergyTableError(AnalysisError):
+    """A per-operation table that cannot be used; the message is one line naming the file and the entry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
+
+
+# ============================================================================================== the table
+@dataclass(frozen=True)
+class Entry:
+    """One per-operation figure: value in unit (canonical: pJ, pJ/bit, V, ns, bytes, bits, count), its source,
+    and low / high for an uncertain one."""
+
+    name: str
+    value: float
+    unit: str
+    source: str
+    low: float | None = None
+    high: float | None = None
+    description: str = ""
+    origin: str = "default"  # the file it came from
+
+    @property
+    def factor(self) -> float:
+        return UNITS[self.unit][1]
+
+    @property
+    def canonical(self) -> float:
+        return self.value * self.factor
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"value": self.value, "unit": self.unit, "source": self.source}
+        if self.low is not None:
+            out["low"], out["high"] = self.low, self.high
+        if self.description:
+            out["description"] = self.description
+        out["from"] = self.origin
+        return out
+
+
+def _parse_entries(data: dict[str, Any], where: str, known: dict[str, Entry] | None, origin: str | None = None
+                   ) -> dict[str, Entry]:
+    out: dict[str, Entry] = {}
+    for name, e in data.items():
+        if not isinstance(e, dict):
+            raise EnergyTableError(f"energy table {where}: {name!r} is not a table ([{name}] with value, unit, source)")
+        if known is not None and name not in known:
+            raise EnergyTableError(f"energy table {where}: unknown entry {name!r} (known: {', '.join(sorted(known))})")
+        extra = set(e) - {"value", "unit", "source", "low", "high", "description"}
+        if extra:
+            raise EnergyTableError(f"energy table {where}: entry {name!r} has unknown keys {', '.join(sorted(extra))} "
+                                   "(allowed: value, unit, source, low, high, description)")
+        for key in ("value", "unit", "source"):
+            if key not in e or (isinstance(e[key], str) and not e[key].strip()):
+                raise EnergyTableError(f"energy table {where}: entry {name!r} has no {key} (every entry needs value, "
+                                       "unit and source)")
+        unit, source = e["unit"], e["source"]
+        if not isinstance(unit, str) or unit not in UNITS:
+            raise EnergyTableError(f"energy table {where}: entry {name!r} has unit {unit!r}; known units: "
+                                   f"{', '.join(UNITS)}")
+        if not isinstance(source, str):
+            raise EnergyTableError(f"energy table {where}: entry {name!r}: source must be a string")
+        if known is not None and UNITS[unit][0] != UNITS[known[name].unit][0]:
+            raise EnergyTableError(f"energy table {where}: entry {name!r} is a {UNITS[known[name].unit][0]} "
+                                   f"({known[name].unit}); {unit!r} is a {UNITS[unit][0]}")
+        nums: dict[str, float | None] = {}
+        for key in ("value", "low", "high"):
+            v = e.get(key)
+            if v is None:
+                nums[key] = None
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise EnergyTableError(f"energy table {where}: entry {name!r}: {key} must be a finite number >= 0, "
+                                       f"got {v!r}")
+            nums[key] = float(v)
+        low, high, value = nums["low"], nums["high"], nums["value"]
+        assert value is not None
+        if (low is None) != (high is None):
+            raise EnergyTableError(f"energy table {where}: entry {name!r} gives {'low' if high is None else 'high'} "
+                                   "without the other (an uncertain entry gives both)")
+        if low is not None and high is not None and not low <= value <= high:
+            raise EnergyTableError(f"energy table {where}: entry {name!r}: low {low:g} <= value {value:g} <= high "
+                                   f"{high:g} does not hold")
+        if UNITS[unit][0] in ("count", "bits", "size") and value <= 0:
+            raise EnergyTableError(f"energy table {where}: entry {name!r}: value must be positive, got {value:g}")
+        out[name] = Entry(name, value, unit, source, low, high, str(e.get("description", "")), origin or where)
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise EnergyTableError(f"no energy table at {path}") from None
+    except IsADirectoryError:
+        raise EnergyTableError(f"{path} is a folder, not an energy table (TOML)") from None
+    except OSError as e:
+        raise EnergyTableError(f"cannot read the energy table {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise EnergyTableError(f"energy table {path} is not valid TOML: {' '.join(str(e).split())}") from None
+
+
+def load_table(path: str | Path | None = None) -> dict[str, Entry]:
+    """The shipped table, with the entries of the TOML file at path (if given) replacing its own.
+
+    Every entry of path needs value, unit and source (and both low and high, or neither); its unit must measure
+    what the shipped entry's does. EnergyTableError (one line naming the file and entry) otherwise."""
+    table = _parse_entries(_read_toml(DEFAULT_TABLE), str(DEFAULT_TABLE), None, "default")
+    if path is not None:
+        table.update(_parse_entries(_read_toml(Path(path)), str(path), table))
+    return table
+
+
+# ============================================================================================== counts
+@dataclass
+class LayerCount:
+    """One analog layer's work per training sample (uses: the times its matrix is applied per sample)."""
+
+    index: int
+    name: str
+    kind: str  # "linear" or "conv2d"
+    fan_in: int
+    fan_out: int
+    uses: int
+    update_inputs: float  # nonzero inputs (bias included) summed over the uses, per sample
+    update_inputs_from: str  # how update_inputs was counted
+
+    @property
+    def weights(self) -> int:
+        return (self.fan_in + 1) * self.fan_out
+
+    @property
+    def forward_macs(self) -> int:
+        return self.uses * self.weights
+
+    @property
+    def backward_macs(self) -> int:
+        """d @ W^T without the bias row; the first layer's input needs no gradient."""
+        return self.uses * self.fan_in * self.fan_out if self.index > 0 else 0
+
+    @property
+    def forward_dac(self) -> int:
+        return self.uses * self.fan_in  # the bias row's input is constant: no conversion
+
+    @property
+    def forward_adc(self) -> int:
+        return self.uses * self.fan_out
+
+    @property
+    def backward_dac(self) -> int:
+        return self.uses * self.fan_out if self.index > 0 else 0
+
+    @property
+    def backward_adc(self) -> int:
+        return self.uses * self.fan_in if self.index > 0 else 0
+
+    @property
+    def update_macs(self) -> float:
+        """Multiply-adds of chi += -lr A^T D per sample: one per nonzero input and output."""
+        return self.update_inputs * self.fan_out
+
+    @property
+    def weight_reads(self) -> int:
+        """Digital side: the layer's weights read once per pass (forward; backward past the first layer)."""
+        return self.weights + (self.fan_in * self.fan_out if self.index > 0 else 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "kind": self.kind, "fan_in": self.fan_in,
+                "fan_out": self.fan_out, "uses_per_sample": self.uses, "weights": self.weights,
+                "forward_macs": self.forward_macs, "backward_macs": self.backward_macs,
+                "forward_dac": self.forward_dac, "forward_adc": self.forward_adc, "backward_dac": self.backward_dac,
+                "backward_adc": self.backward_adc, "update_inputs": self.update_inputs,
+                "update_inputs_from": self.update_inputs_from, "update_macs": self.update_macs}
+
+
+@dataclass
+class ProgramClass:
+    """The programs of one class (update, refresh, set-up): how many, their devices and pulses, pulse charge."""
+
+    programs: int = 0
+    devices: int = 0
+    set_pulses: int = 0
+    reset_pulses: int = 0
+    set_ua_ns: float = 0.0  # sum over SET pulses of amplitude (uA) x width (ns)
+    reset_ua_ns: float = 0.0
+    set_ns: float = 0.0  # sum of SET pulse widths, ns
+    reset_ns: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ReadClass:
+    """The reads of one reason: calls, devices read, and the sum of the conductances read (uS)."""
+
+    calls: int = 0
+    devices: int = 0
+    g_sum_us: float = 0.0
+    with_program: int = 0  # calls that were a program's read-back in the same round trip
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Counts:
+    """What the run did, from its log: the basis of both sides' energy and of the chip's time."""
+
+    run_dir: Path
+    state: str
+    network_kind: str
+    batch_size: int
+    steps: int  # the last training step the log's rows reach (or summary.json's, finished)
+    samples: int  # training samples of those steps
+    samples_per_epoch: int | None
+    epochs_done: float | None
+    layers: list[LayerCount]
+    programs: dict[str, ProgramClass]
+    reads: dict[str, ReadClass]
+    mean_g_us: float | None  # mean conductance of the mapped devices over the full reads
+    measured_us_per_sample: float | None
+    skipped_programs: dict[str, int] = field(default_factory=dict)
+    not_counted: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def training_reads(self) -> ReadClass:
+        out = ReadClass()
+        for reason in TRAINING_READS:
+            r = self.reads.get(reason)
+            if r is not None:
+                out.calls += r.calls
+                out.devices += r.devices
+                out.g_sum_us += r.g_sum_us
+                out.with_program += r.with_program
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "samples": self.samples, "samples_per_epoch": self.samples_per_epoch,
+                "epochs_done": self.epochs_done, "batch_size": self.batch_size, "network_kind": self.network_kind,
+                "layers": [lc.as_dict() for lc in self.layers],
+                "programs": {k: v.as_dict() for k, v in self.programs.items()},
+                "reads": {k: v.as_dict() for k, v in self.reads.items()},
+                "mean_g_us": self.mean_g_us, "measured_us_per_sample": self.measured_us_per_sample,
+                "skipped_programs": self.skipped_programs}
+
+
+def _layer_shapes(r: RunLogReader, attrs: dict[str, Any], not_counted: list[str]) -> list[tuple[str, int, int]]:
+    """(name, fan_in, fan_out) per analog layer, from mapping/table (weight_row, weight_col: (fan_in + 1) x fan_out)."""
+    info = _json_attr(attrs, "network_layers_json") or []
+    shapes: list[tuple[str, int, int]] = []
+    if "mapping/table" in r.array_names():
+        t = r.array("mapping/table")
+        try:  # the reader gives arrays' data only; the columns attribute names their order
+            cols = [c.strip() for c in _text(r._f[f"{ARRAYS}/mapping/table"].attrs.get("columns", "")).split(",")]
+        except (KeyError, OSError, AttributeError):
+            cols = []
+        try:
+            li, ri, ci = cols.index("layer"), cols.index("weight_row"), cols.index("weight_col")
+        except ValueError:
+            li, ri, ci = 0, 1, 2  # the order docs/run-log.md gives
+        for k in range(int(t[:, li].max()) + 1 if t.size else 0):
+            sel = t[:, li] == k
+            if not sel.any():
+                continue
+            rows, outs = int(t[sel, ri].max()) + 1, int(t[sel, ci].max()) + 1
+            name = str(info[k].get("name", k)) if k < len(info) and isinstance(info[k], dict) else str(k)
+            shapes.append((name, rows - 1, outs))
+    elif info:
+        shapes = [(str(d.get("name", i)), int(d["fan_in"]), int(d["fan_out"])) for i, d in enumerate(info)]
+        not_counted.append("the log has no mapping/table: the layers' shapes come from network_layers_json")
+    return shapes
+
+
+def _uses(cfg: dict[str, Any], kind: str, shapes: list[tuple[str, int, int]], data_shape: tuple[int, ...] | None,
+          notes: list[str], not_counted: list[str]) -> list[tuple[str, int, dict[str, int] | None]]:
+    """Per layer: kind ("linear" / "conv2d"), uses per sample, and a conv layer's geometry (for the nonzero count)."""
+    n = len(shapes)
+    if kind != "cnn":
+        if kind == "module":
+            not_counted.append("network.kind = \"module\": how often each layer is applied per sample is not in the log; "
+                               "every layer is counted once per sample (a conv layer's output positions are not)")
+        return [("linear", 1, None)] * n
+    c = cfg.get("network", {}).get("cnn", {})
+    channels = list(c.get("channels", [8, 16]))
+    k, p, pool = int(c.get("kernel", 5)), int(c.get("padding", 0)), bool(c.get("pool", True))
+    if data_shape is None or len(data_shape) != 3:
+        not_counted.append("the data set's image shape is unknown: the conv layers' output positions are not counted "
+                           "(each conv layer counted once per sample)")
+        return [("conv2d" if i < len(channels) else "linear", 1, None) for i in range(n)]
+    ch, h, w = data_shape
+    out: list[tuple[str, int, dict[str, int] | None]] = []
+    for i, co in enumerate(channels):
+        ho, wo = h + 2 * p - k + 1, w + 2 * p - k + 1
+        if i >= n or shapes[i][1] != ch * k * k or shapes[i][2] != co:
+            not_counted.append(f"layer {i}: its shape in the log does not match network.cnn (conv {ch}x{k}x{k} -> {co}); "
+                               "counted once per sample")
+            out.append(("conv2d", 1, None))
+        else:
+            out.append(("conv2d", ho * wo, {"in_ch": ch, "h": h, "w": w, "k": k, "p": p, "ho": ho, "wo": wo}))
+        h, w = (ho // 2, wo // 2) if pool else (ho, wo)
+        ch = co
+    out += [("linear", 1, None)] * (n - len(channels))
+    return out[:n]
+
+
+def trained_indices(seed: int, n: int, batch: int, steps: int) -> tuple[np.ndarray, int]:
+    """(how often each training sample was trained, samples trained) after `steps` steps: every full epoch once
+    each, then the first samples of the next epoch's order (hil.data.epoch_order)."""
+    from hil.data import epoch_order
+
+    per_epoch = -(-n // batch)
+    full, rest = divmod(steps, per_epoch)
+    times = np.full(n, full, np.int64)
+    if rest:
+        times[epoch_order(seed, full, n)[:min(rest * batch, n)]] += 1
+    return times, int(times.sum())
+
+
+def first_layer_nonzero(x: np.ndarray, geometry: dict[str, int] | None) -> np.ndarray:
+    """Per training sample, the first layer's nonzero inputs summed over its uses, bias inputs included.
+
+    A fully connected layer: nonzero features + 1. A conv layer: per output position, the nonzero values in its
+    patch (zero padding counts as zero) + 1, summed over the positions."""
+    if geometry is None:
+        return np.count_nonzero(x, axis=1).astype(np.float64) + 1.0
+    g = geometry
+    out = np.empty(x.shape[0], np.float64)
+    for lo in range(0, x.shape[0], 4096):
+        m = (x[lo:lo + 4096] != 0).reshape(-1, g["in_ch"], g["h"], g["w"]).sum(axis=1)
+        m = np.pad(m, ((0, 0), (g["p"], g["p"]), (g["p"], g["p"]))).astype(np.int64)
+        s = np.zeros((m.shape[0], m.shape[1] + 1, m.shape[2] + 1), np.int64)
+        s[:, 1:, 1:] = m.cumsum(1).cumsum(2)
+        k = g["k"]
+        box = s[:, k:, k:] - s[:, :-k, k:] - s[:, k:, :-k] + s[:, :-k, :-k]  # (n, ho, wo): nonzeros per patch
+        out[lo:lo + 4096] = box[:, :g["ho"], :g["wo"]].reshape(box.shape[0], -1).sum(axis=1) + g["ho"] * g["wo"]
+    return out
+
+
+def _dataset(cfg: dict[str, Any]) -> Any:
+    from hil.data import load_dataset
+
+    d = cfg.get("data", {})
+    return load_dataset(d.get("name", "mnist"), d.get("path"), download=False, seed=int(cfg.get("seed", 0)),
+                        train_limit=d.get("train_limit"), test_limit=1)
+
+
+def _programs(r: RunLogReader, unapplied: set[int], skipped: dict[str, int]) -> tuple[dict[str, ProgramClass], set[int]]:
+    """Programs by class. In each step the update program comes first; a program with RESETs at a step > 0 and
+    every later program of that step (a verify refresh's top-ups) are refresh; step 0 is set-up (initial
+    programming, the eps = "auto" probe). Unapplied programs and a program id logged twice are skipped."""
+    shapes = [r.shapes(i) for i in range(r.shape_rows)]
+    classes = {UPDATE: ProgramClass(), REFRESH: ProgramClass(), SETUP: ProgramClass()}
+    seen: set[int] = set()
+    seqs: set[int] = set()
+    refresh_step = -1
+    for ev in r.iter_program_events():
+        for pid, step, seq, code, count, sets, resets in zip(ev["program_id"].tolist(), ev["step"].tolist(),
+                                                               ev["seq"].tolist(), ev["shapes"].tolist(),
+                                                               ev["count"].tolist(), ev["set_pulses"].tolist(),
+                                                               ev["reset_pulses"].tolist(), strict=True):
+            seqs.add(seq)
+            if pid in unapplied:
+                skipped["unapplied"] = skipped.get("unapplied", 0) + 1
+                continue
+            if pid in seen:
+                skipped["logged twice"] = skipped.get("logged twice", 0) + 1
+                continue
+            seen.add(pid)
+            if step <= 0:
+                cls = SETUP
+            elif resets or refresh_step == step:
+                cls, refresh_step = REFRESH, step
+            else:
+                cls = UPDATE
+            c, s = classes[cls], shapes[code]
+            c.programs += 1
+            c.devices += count
+            c.set_pulses += sets
+            c.reset_pulses += resets
+            c.set_ua_ns += sets * s.set.amplitude_ua * s.set.width_ns
+            c.reset_ua_ns += resets * s.reset.amplitude_ua * s.reset.width_ns
+            c.set_ns += sets * s.set.width_ns
+            c.reset_ns += resets * s.reset.width_ns
+    return classes, seqs
+
+
+def _reads(r: RunLogReader, program_seqs: set[int]) -> dict[str, ReadClass]:
+    """Reads by reason: calls, devices, the conductances' sum; calls that were a program's read-back."""
+    names = r.reason_names
+    out = {n: ReadClass() for n in names}
+    for ev in r.iter_read_events():
+        for reason, count, seq in zip(ev["reason"].tolist(), ev["count"].tolist(), ev["seq"].tolist(), strict=True):
+            c = out[reason]
+            c.calls += 1
+            c.devices += count
+            c.with_program += (seq - 1) in program_seqs
+    g = np.zeros(len(names))
+    for piece in r.iter_reads():
+        g += np.bincount(piece["reason_code"], weights=piece["conductance_us"].astype(np.float64), minlength=len(names))
+    for i, n in enumerate(names):
+        out[n].g_sum_us = float(g[i])
+    return {k: v for k, v in out.items() if v.calls}
+
+
+def count_run(path: str | Path) -> Counts:
+    """Count what a run did (its log, summary.json, config); AnalysisError with one line if it cannot be read."""
+    run_dir, log = find_log(path)
+    if log.name != "run.h5":
+        raise AnalysisError(f"{log} is not a training log (pcm-hil energy reads pcm-hil train's run.h5)", 2)
+    live = writer_alive(log)
+    notes: list[str] = []
+    not_counted: list[str] = []
+    try:
+        with open_log(log) as r:
+            return _count(r, run_dir, live, notes, not_counted)
+    except RunLogError as e:
+        raise AnalysisError(str(e)) from None
+    except OSError as e:
+        raise AnalysisError(f"cannot read {log}: {e.strerror or e}") from None
+
+
+def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_counted: list[str]) -> Counts:
+    attrs = dict(r.attrs)
+    if "calibration_plan" in attrs or _text(attrs.get("run_kind", "")) == "calibration":
+        raise AnalysisError(f"{run_dir} holds a calibration log, not a training run", 2)
+    summary = _summary(run_dir, notes)
+    cfg = _config(run_dir, attrs, notes)
+    kind = _text(attrs.get("network_kind", cfg.get("network", {}).get("kind", "mlp")))
+    batch = int(cfg.get("update", {}).get("batch_size", 1))
+    finished = bool(summary and summary.get("finished")) and not live
+
+    m = r.metrics()
+    unapplied = {int(x) for x in (summary or {}).get("unapplied_program_ids") or []}
+    if "unapplied_program_id" in m:
+        unapplied |= {int(x) for x in m["unapplied_program_id"][np.isfinite(m["unapplied_program_id"])]}
+    skipped: dict[str, int] = {}
+    programs, seqs = _programs(r, unapplied, skipped)
+    reads = _reads(r, seqs)
+    if skipped.get("logged twice"):
+        notes.append(f"{skipped['logged twice']} program(s) logged twice (a resume logs the journaled ones again) "
+                     "are counted once")
+    if "resume" in reads:
+        notes.append("the run was resumed: reads and programs between its last flush and the kill were never logged, "
+                     "so the counts may fall a little short")
+
+    last = [int(m["step"].max())] if m["step"].size else []
+    for ev in (*r.iter_program_events(), *r.iter_read_events()):
+        if ev["step"].size:
+            last.append(int(ev["step"].max()))
+    log_steps = max(last, default=0)
+    steps = int(summary["steps"]) if finished and isinstance(summary.get("steps"), int) else log_steps
+    if not finished:
+        state = "being written" if live else "stopped before its end (no finished summary.json)"
+        not_counted.append(f"the run is {'still being written' if live else 'not finished'}: the log's flushed rows "
+                           f"reach step {log_steps:,}; steps after it (and rows a killed writer never flushed) are "
+                           "not counted, and the per-sample figures are over the samples of those steps")
+    else:
+        state = "finished"
+    if r.torn_tail:
+        not_counted.append("the log has a torn tail (rows written without their checksums, not counted): "
+                           + ", ".join(f"{k} {v}" for k, v in sorted(r.torn_tail.items())))
+
+    # ---- the layers and their uses
+    shapes = _layer_shapes(r, attrs, not_counted)
+    data = None
+    data_shape: tuple[int, ...] | None = None
+    data_name = cfg.get("data", {}).get("name", "mnist")
+    try:
+        data = _dataset(cfg)
+        data_shape = tuple(data.input_shape) if data.input_shape else (data.n_features,)
+    except Exception as e:  # noqa: BLE001 - any failure to load the data set only costs the nonzero count
+        from hil.data import INPUT_SHAPES
+
+        data_shape = INPUT_SHAPES.get(data_name)
+        msg = " ".join(str(e).split())[:200]
+        not_counted.append(f"the data set ({data_name}) cannot be loaded here ({msg}): the first layer's update is "
+                           "counted over every input (dense), not only the nonzero ones")
+    uses = _uses(cfg, kind, shapes, data_shape, notes, not_counted)
+
+    samples_per_epoch = int(data.x_train.shape[0]) if data is not None else None
+    seed = int(cfg.get("seed", 0))
+    if data is not None:
+        times, samples = trained_indices(seed, samples_per_epoch, batch, steps)
+    else:
+        times = None
+        samples = int(summary["samples_trained"]) if finished and isinstance(summary.get("samples_trained"), int) \
+            else steps * batch
+        ep = cfg.get("update", {}).get("epochs")
+        if finished and isinstance(ep, int) and ep:
+            samples_per_epoch = samples // ep
+    if finished and isinstance((summary or {}).get("samples_trained"), int) and summary["samples_trained"] != samples:
+        notes.append(f"summary.json says {summary['samples_trained']:,} samples trained, the count from the steps "
+                     f"{samples:,}; the counts use {samples:,}")
+
+    layers: list[LayerCount] = []
+    for i, ((name, fan_in, fan_out), (lkind, u, geom)) in enumerate(zip(shapes, uses, strict=True)):
+        if i == 0 and times is not None and samples:
+            nz = first_layer_nonzero(data.x_train, geom)
+            upd = float((nz * times).sum() / samples)
+            how = (f"nonzero inputs of the {data_name} samples this run trained ({samples:,}), counted in the data "
+                   "set, bias included")
+        else:
+            upd = float(u * (fan_in + 1))
+            how = "every input counted (dense), bias included" if i else "every input counted (dense): data set unavailable"
+        layers.append(LayerCount(i, name, lkind, fan_in, fan_out, u, upd, how))
+
+    full = [reads[k] for k in FULL_READS if k in reads]
+    n_full = sum(c.devices for c in full)
+    mean_g = sum(c.g_sum_us for c in full) / n_full if n_full else None
+    if mean_g is None:
+        any_dev = sum(c.devices for c in reads.values())
+        mean_g = sum(c.g_sum_us for c in reads.values()) / any_dev if any_dev else None
+        if mean_g is None:
+            not_counted.append("no conductance was read: the array's energy in the analog multiplies is not counted")
+        else:
+            notes.append("no full read in the log: the multiplies' array energy uses the mean of every device read")
+
+    us = (summary or {}).get("us_per_sample")
+    measured = float(us) if finished and isinstance(us, (int, float)) else None
+    if measured is None:
+        not_counted.append("measured wall time: summary.json has none for this run (killed, live or unfinished)")
+    epochs_done = samples / samples_per_epoch if samples_per_epoch else None
+    return Counts(run_dir, state, kind, batch, steps, samples, samples_per_epoch, epochs_done, layers, programs, reads,
+                  mean_g, measured, skipped, not_counted, notes)
+
+
+# ============================================================================================== the model
+CHIP_CATEGORIES = (
+    ("analog multiply (array)", "forward and backward multiplies on the array: V_read^2 x G x mvm_time per device"),
+    ("multiply conversions (DAC, ADC)", "inputs converted in, outputs converted out"),
+    ("chi update arithmetic", "chi += -lr a d^T over the nonzero inputs, 32-bit float"),
+    ("chi memory", "read and write of each touched chi (32-bit, SRAM / DRAM)"),
+    ("pulse decisions", "|chi| against the threshold per touched chi; pulse count and chi -= n eps per pulsed device"),
+    ("activations and loss", "the same digital work as the digital side"),
+    ("SET pulses (updates)", "the update programs' logged pulses"),
+    ("refresh pulses", "the refresh programs' logged RESET and SET pulses"),
+    ("device reads (training)", "read-backs and periodic reads: V_read^2 x G read x read_time, plus one conversion"),
+    ("data moved (digital unit - chip)", "multiply inputs and outputs, program words, read-back codes"),
+)
+DIGITAL_CATEGORIES = (
+    ("multiply-accumulates (forward, backward)", "every multiply-accumulate in 32-bit float"),
+    ("weight reads (forward, backward)", "each weight read once per pass (SRAM / DRAM)"),
+    ("weight update arithmetic", "W += -lr a d^T over the nonzero inputs, 32-bit float"),
+    ("weight update memory", "read and write of each touched weight (32-bit, SRAM / DRAM)"),
+    ("activations and loss", "one activation (and derivative) per layer output"),
+)
+
+
+def _word_pj(t: dict[str, Entry], words: int) -> float:
+    """Energy of one 32-bit word access when `words` words are stored: SRAM up to its capacity, DRAM beyond."""
+    cap_words = t["sram_capacity"].canonical / 4.0
+    f = 1.0 if words <= cap_words else cap_words / words
+    return f * t["sram_word"].canonical + (1 - f) * t["dram_word"].canonical
+
+
+def energies(c: Counts, t: dict[str, Entry]) -> tuple[dict[str, float], dict[str, float]]:
+    """(chip, digital): energy per training sample in pJ, by category (CHIP_CATEGORIES, DIGITAL_CATEGORIES)."""
+    v = {k: e.canonical for k, e in t.items()}
+    n = max(c.samples, 1)
+    mult, add = v["fp32_mult"], v["fp32_add"]
+    fwd = sum(lc.forward_macs for lc in c.layers)
+    bwd = sum(lc.backward_macs for lc in c.layers)
+    dac = sum(lc.forward_dac + lc.backward_dac for lc in c.layers)
+    adc = sum(lc.forward_adc + lc.backward_adc for lc in c.layers)
+    upd = sum(lc.update_macs for lc in c.layers)
+    upd_inputs = sum(lc.update_inputs for lc in c.layers)
+    acts = sum(lc.uses * lc.fan_out for lc in c.layers)
+    words = sum(lc.weights for lc in c.layers)
+    word = _word_pj(t, words)
+    pu, pr = c.programs[UPDATE], c.programs[REFRESH]
+    rd = c.training_reads()
+    g = c.mean_g_us or 0.0
+    # V^2 [V^2] x G [uS] x t [ns] = 1e-15 J = 1e-3 pJ; 2 devices (G+ and G-) per weight
+    mvm_array = (fwd + bwd) * 2 * v["read_voltage"] ** 2 * g * v["mvm_time"] * 1e-3
+    read_array = v["read_voltage"] ** 2 * rd.g_sum_us * v["read_time"] * 1e-3
+    # V [V] x I [uA] x t [ns] = 1e-15 J = 1e-3 pJ
+    set_pj = lambda p: v["set_cell_voltage"] * p.set_ua_ns * 1e-3  # noqa: E731
+    reset_pj = lambda p: v["reset_cell_voltage"] * p.reset_ua_ns * 1e-3  # noqa: E731
+    bits = ((dac + adc) * v["converter_bits"] + ((pu.devices + pr.devices) * v["program_word_bits"]
+                                                 + rd.devices * v["converter_bits"]) / n)
+    update_arith = upd * (mult + add) + upd_inputs * mult  # a d^T multiply-adds, and a scaled by -lr
+    chip = {
+        "analog multiply (array)": mvm_array,
+        "multiply conversions (DAC, ADC)": dac * v["dac_conversion"] + adc * v["adc_conversion"],
+        "chi update arithmetic": update_arith,
+        "chi memory": 2 * upd * word,
+        "pulse decisions": upd * add + pu.devices / n * (2 * mult + add),
+        "activations and loss": acts * v["activation"],
+        "SET pulses (updates)": (set_pj(pu) + reset_pj(pu)) / n,
+        "refresh pulses": (set_pj(pr) + reset_pj(pr)) / n,
+        "device reads (training)": (read_array + rd.devices * v["adc_conversion"]) / n,
+        "data moved (digital unit - chip)": bits * v["transfer_bit"],
+    }
+    digital = {
+        "multiply-accumulates (forward, backward)": (fwd + bwd) * (mult + add),
+        "weight reads (forward, backward)": sum(lc.weight_reads for lc in c.layers) * word,
+        "weight update arithmetic": update_arith,
+        "weight update memory": 2 * upd * word,
+        "activations and loss": acts * v["activation"],
+    }
+    return chip, digital
+
+
+def ratio_of(c: Counts, t: dict[str, Entry]) -> float:
+    """Digital energy per sample over the chip's."""
+    chip, digital = energies(c, t)
+    s = sum(chip.values())
+    return sum(digital.values()) / s if s > 0 else math.inf
+
+
+def times_ns(c: Counts, t: dict[str, Entry]) -> dict[str, float]:
+    """Chip side time per training sample, ns, by part: multiplies, pulses, reads, link round trips."""
+    v = {k: e.canonical for k, e in t.items()}
+    n = max(c.samples, 1)
+    fwd_calls = sum(lc.uses for lc in c.layers)
+    bwd_calls = sum(lc.uses for lc in c.layers if lc.index > 0)
+    pu, pr = c.programs[UPDATE], c.programs[REFRESH]
+    rd = c.training_reads()
+    pulse_ns = (pu.set_ns + pu.reset_ns + pr.set_ns + pr.reset_ns) / v["program_parallel_devices"]
+    # round trips: each program (its read-back rides along), each read call that was no read-back, and one call
+    # per layer and direction per step for the multiplies (a conv layer's patches go in one call)
+    layers_fwd = len(c.layers)
+    layers_bwd = sum(1 for lc in c.layers if lc.index > 0)
+    trips = pu.programs + pr.programs + (rd.calls - rd.with_program) + (layers_fwd + layers_bwd) * c.steps
+    return {
+        "analog multiplies": (fwd_calls + bwd_calls) * v["mvm_time"],
+        "SET / RESET pulses": pulse_ns / n,
+        "device reads": rd.devices * v["read_time"] / n,
+        "link round trips": trips * v["link_latency"] / n,
+    }
+
+
+@dataclass
+class Sensitivity:
+    entry: str
+    low: float
+    high: float
+    unit: str
+    ratio_low: float
+    ratio_high: float
+
+
+@dataclass
+class Estimate:
+    """Counts, both sides' energy per sample by category (pJ), the ratio, its sensitivity, the chip's time."""
+
+    counts: Counts
+    table: dict[str, Entry]
+    chip_pj: dict[str, float]
+    digital_pj: dict[str, float]
+    ratio: float
+    sensitivity: list[Sensitivity]
+    time_ns: dict[str, float]
+    setup_pj: float  # one-off: the set-up programs' pulses and set-up reads (not per sample)
+    core_mac_pj: float  # cross-check: the multiplies at pcm_core_mac (converters included)
+    not_counted: list[str]
+    notes: list[str]
+
+    @property
+    def chip_total_pj(self) -> float:
+        return sum(self.chip_pj.values())
+
+    @property
+    def digital_total_pj(self) -> float:
+        return sum(self.digital_pj.values())
+
+    @property
+    def time_total_ns(self) -> float:
+        return sum(self.time_ns.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.counts
+        per_epoch = c.samples_per_epoch
+        out: dict[str, Any] = {
+            "run": str(c.run_dir), "state": c.state, "counts": c.as_dict(),
+            "chip": {"per_sample_pj": self.chip_pj, "total_per_sample_pj": self.chip_total_pj,
+                     "per_epoch_j": self.chip_total_pj * per_epoch * 1e-12 if per_epoch else None},
+            "digital": {"per_sample_pj": self.digital_pj, "total_per_sample_pj": self.digital_total_pj,
+                        "per_epoch_j": self.digital_total_pj * per_epoch * 1e-12 if per_epoch else None},
+            "ratio": self.ratio,
+            "sensitivity": [s.__dict__ for s in self.sensitivity],
+            "reference": {"paper_ratio": PAPER_RATIO, "paper": "Nandakumar et al., Front. Neurosci. 14:406 (2020)",
+                          "what_differs": REFERENCE_NOTE},
+            "cross_check": {"multiplies_at_pcm_core_mac_pj": self.core_mac_pj,
+                            "multiplies_here_pj": self.chip_pj["analog multiply (array)"]
+                            + self.chip_pj["multiply conversions (DAC, ADC)"]},
+            "setup_pj": self.setup_pj,
+            "time": {"per_sample_ns": self.time_ns, "total_per_sample_ns": self.time_total_ns,
+                     "measured_us_per_sample": c.measured_us_per_sample},
+            "not_counted": self.not_counted, "notes": self.notes,
+            "table": {k: e.as_dict() for k, e in self.table.items()},
+        }
+        return out
+
+
+REFERENCE_NOTE = ("the paper's figure rests on its own architecture and per-operation energies, which this estimate "
+                  "does not reproduce; here each touched chi is read and written in 32-bit SRAM at the same cost as "
+                  "the digital side's weight update, and that memory traffic, equal on both sides, bounds the ratio")
+
+
+def sensitivity(c: Counts, t: dict[str, Entry], fn: Callable[[Counts, dict[str, Entry]], float] = ratio_of
+                ) -> list[Sensitivity]:
+    """The ratio with each uncertain entry (low / high given) at its low and at its high value; entries that do
+    not move it (time-only, the cross-check) are left out."""
+    base = fn(c, t)
+    out = []
+    for name, e in t.items():
+        if e.low is None or e.high is None:
+            continue
+        lo = fn(c, {**t, name: replace(e, value=e.low)})
+        hi = fn(c, {**t, name: replace(e, value=e.high)})
+        if math.isclose(lo, base, rel_tol=1e-12) and math.isclose(hi, base, rel_tol=1e-12):
+            continue
+        out.append(Sensitivity(name, e.low, e.high, e.unit, lo, hi))
+    return out
+
+
+def estimate(path: str | Path, table: str | Path | None = None) -> Estimate:
+    """Energy (both sides) and chip time of the run at path; AnalysisError (one line) if it cannot be read,
+    EnergyTableError if the table cannot be used."""
+    t = load_table(table)
+    c = count_run(path)
+    chip, digital = energies(c, t)
+    chip_total = sum(chip.values())
+    ratio = sum(digital.values()) / chip_total if chip_total > 0 else math.inf
+    v = {k: e.canonical for k, e in t.items()}
+    ps = c.programs[SETUP]
+    setup_reads = [c.reads[k] for k in SETUP_READS if k in c.reads]
+    setup = (v["set_cell_voltage"] * ps.set_ua_ns + v["reset_cell_voltage"] * ps.reset_ua_ns) * 1e-3 \
+        + sum(v["read_voltage"] ** 2 * r.g_sum_us * v["read_time"] * 1e-3 + r.devices * v["adc_conversion"]
+              for r in setup_reads)
+    core = sum(lc.forward_macs + lc.backward_macs for lc in c.layers) * v["pcm_core_mac"]
+    return Estimate(c, t, chip, digital, ratio, sensitivity(c, t), times_ns(c, t), setup, core,
+                    list(c.not_counted), list(c.notes))
+
+
+# ============================================================================================== formatting
+def si(value: float, unit: str) -> str:
+    """value (in the base unit: J or s) with an SI prefix, 3 significant digits: 4.31 uJ, 912 ns."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g} {unit}"
+    for p, f in (("", 1.0), ("m", 1e-3), ("u", 1e-6), ("n", 1e-9), ("p", 1e-12), ("f", 1e-15)):
+        if abs(value) >= f * 0.9995:
+            return f"{value / f:.3g} {p}{unit}"
+    return f"{value:.3g} {unit}"
