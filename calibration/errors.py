@@ -26,3 +26,8 @@ class FitDidNotConverge(CalibrationError):
 
 class OutputExists(CalibrationError, FileExistsError):
     """The output folder exists already; nothing is overwritten."""
+
+
+class ReplayDiverged(CalibrationError):
+    """A characterization over a replayed calibration log asked for something the log does not hold next, or
+    ended before the log did; the message says at which calibration step, in which experiment and what differs."""

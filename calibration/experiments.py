@@ -21,13 +21,17 @@ from drivers.base import ArrayDriver
 from drivers.errors import SafetyViolation
 from drivers.mock import MockDriver
 from drivers.program import PulseProgram, PulseShape, PulseShapes
+from drivers.replay import ReplayDriver, ReplayMismatch
 
-from .data import (ADDRESSES_ARRAY, LEVELS_ARRAY, MIN_DEVICES, PLAN_ATTR, REASON_DRIFT, REASON_NOISE, REASON_PULSE,
-                   T_PROG_ATTR, CalibrationData, CharacterizationPlan, DriftData, NoiseData, PulseData)
-from .errors import CalibrationError, InsufficientData
+from .data import (ADDRESSES_ARRAY, DRIFT_SKIPPED_ATTR, LEVELS_ARRAY, MIN_DEVICES, PLAN_ATTR, REASON_DRIFT,
+                   REASON_NOISE, REASON_PULSE, T_PROG_ATTR, CalibrationData, CharacterizationPlan, DriftData,
+                   NoiseData, PulseData)
+from .errors import CalibrationError, InsufficientData, ReplayDiverged
 from .progress import Reporter, as_reporter
 
 Wait = Callable[[float], None]
+#: How the reason a drift experiment was skipped starts (the log's calibration_drift_skipped attribute).
+DRIFT_SKIPPED_PREFIX = "drift experiment skipped: "
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,9 @@ def check_feasible(driver: ArrayDriver, plan: CharacterizationPlan, addresses: n
 
 
 def wait_for(driver: ArrayDriver) -> Wait:
-    """How to let time pass on this driver: simulated time on a MockDriver, wall time on anything else."""
-    if isinstance(driver, MockDriver):
+    """How to let time pass on this driver: simulated time on a MockDriver, nothing on a ReplayDriver (its
+    clock is the log's: the logged reads carry the times the logged run waited for), wall time on anything else."""
+    if isinstance(driver, (MockDriver, ReplayDriver)):
         return driver.advance
     return time.sleep
 
@@ -113,7 +118,13 @@ def clock_stands_still(driver: ArrayDriver, wait: Wait, probe_s: float = 0.2) ->
 
     An emulated tester keeps simulated time that only its operations advance, and the tester protocol
     has no command to advance it: the host can sleep, but every drift read would come at once.
+    On a ReplayDriver the logged run decided: its reason if it skipped drift (the log's
+    calibration_drift_skipped attribute), else None (no probe: its clock is the log's, which waiting
+    does not move, and the probe's wait was never a logged operation).
     """
+    if isinstance(driver, ReplayDriver):
+        logged = driver.log_attrs.get(DRIFT_SKIPPED_ATTR)
+        return None if logged is None else str(logged).removeprefix(DRIFT_SKIPPED_PREFIX)
     t = driver.now()
     wait(probe_s)
     moved = driver.now() - t
@@ -139,7 +150,7 @@ def runnable_plan(driver: ArrayDriver, plan: CharacterizationPlan,
     why = clock_stands_still(driver, wait if wait is not None else wait_for(driver))
     if why is None:
         return plan, None
-    return plan.model_copy(update={"drift": False}), f"drift experiment skipped: {why}"
+    return plan.model_copy(update={"drift": False}), f"{DRIFT_SKIPPED_PREFIX}{why}"
 
 
 class _Session:
@@ -147,10 +158,16 @@ class _Session:
 
     def __init__(self, driver: ArrayDriver, progress: Reporter) -> None:
         self.driver = driver
-        self.task = progress.task
+        self.progress_task = progress.task
         self.step = 0
+        self.stage = "setting up"           # the experiment running now, for messages
         last = driver.last_program_id()
         self.next_id = (last or 0) + 1
+
+    def task(self, label: str, total: int):
+        """The progress task of one experiment (label: what it is), which is also the stage messages name."""
+        self.stage = label
+        return self.progress_task(label, total)
 
     def read(self, addresses: npt.NDArray[np.int64], reason: str) -> tuple[npt.NDArray[np.float64], float]:
         d = self.driver
@@ -215,12 +232,22 @@ def run_characterization(driver: ArrayDriver, addresses: npt.ArrayLike, plan: Ch
         session = _Session(driver, reporter)
     pulse: list[PulseData] = []
     noise: NoiseData | None = None
-    for i, shape in enumerate(plan.set_shapes):
-        reads, noise_i = _pulse_response(session, addr, plan, shape, with_noise=(i == 0))
-        pulse.append(PulseData(shape, reads))
-        noise = noise if noise is not None else noise_i
-    assert noise is not None
-    drift = _drift(session, addr, plan, wait) if plan.drift else None
+    try:
+        for i, shape in enumerate(plan.set_shapes):
+            reads, noise_i = _pulse_response(session, addr, plan, shape, with_noise=(i == 0))
+            pulse.append(PulseData(shape, reads))
+            noise = noise if noise is not None else noise_i
+        assert noise is not None
+        drift = _drift(session, addr, plan, wait) if plan.drift else None
+    except ReplayMismatch as e:
+        where = driver.log_path if isinstance(driver, ReplayDriver) else driver.identity
+        raise ReplayDiverged(f"the replay of {where} diverged at calibration step {session.step} "
+                             f"({session.stage}): {e}") from e
+    if isinstance(driver, ReplayDriver) and driver.remaining:
+        raise ReplayDiverged(f"the replay of {driver.log_path} ended at calibration step {session.step} with "
+                             f"{driver.remaining} of the log's {driver.replayed + driver.remaining} operations not "
+                             f"replayed (the log's next: {driver.next_operation()}): the plan differs from the "
+                             f"logged run's")
     if writer is not None and drift is not None:
         writer.set_attrs(**{T_PROG_ATTR: drift.t_prog_s})
     if writer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,17 @@ from drivers.base import ArrayDriver
 from sim import PCMParams
 
 from .data import DRIFT_SKIPPED_ATTR, CalibrationData, CharacterizationPlan, load_calibration_log
-from .errors import OutputExists
+from .errors import OutputExists, ReplayDiverged
 from .experiments import Wait, check_feasible, run_characterization, runnable_plan
 from .fit import CalibrationWarning, ModelFit, fit_model
 from .progress import Reporter, as_reporter
 from .report import add_result, write_result
 
 LOG_FILE = "calibration.h5"
+#: Root attributes of a calibration log: the seed and bootstrap resamples its fit was made with (what
+#: `characterize --driver replay:LOG` takes by default, so the replay's fit is the logged run's).
+FIT_SEED_ATTR = "calibration_fit_seed"
+FIT_BOOTSTRAP_ATTR = "calibration_fit_bootstrap"
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,8 @@ def characterize(driver: ArrayDriver, addresses: npt.ArrayLike, plan: Characteri
     """Run the experiments into out/calibration.h5, fit the log, write out/pcm.toml and the plots.
 
     out must not exist. If the fit fails, the log stays in out (fit it again with fit_log) and the
-    error propagates. A drift experiment the driver cannot run (waiting does not move its clock:
+    error propagates. Over a ReplayDriver (a calibration log re-served) a replay that departs from the
+    log raises ReplayDiverged and leaves no out; the log records seed and bootstrap for such a replay. A drift experiment the driver cannot run (waiting does not move its clock:
     runnable_plan) is skipped with a CalibrationWarning; the reason goes to the log, pcm.toml and
     result.drift_skipped. drift_skipped: the reason, where the caller ran runnable_plan itself.
     """
@@ -56,13 +62,18 @@ def characterize(driver: ArrayDriver, addresses: npt.ArrayLike, plan: Characteri
 
     out.mkdir(parents=True)
     log = out / LOG_FILE
-    attrs: dict[str, object] = {"run_kind": "calibration"}
+    attrs: dict[str, object] = {"run_kind": "calibration", FIT_SEED_ATTR: int(seed), FIT_BOOTSTRAP_ATTR: int(bootstrap)}
     if drift_skipped is not None:
         attrs[DRIFT_SKIPPED_ATTR] = drift_skipped
     reporter = as_reporter(progress)
-    with RunLogWriter(log, attrs=attrs) as writer:
-        # runnable_plan probed the clock already (or the plan has no drift).
-        run_characterization(driver, addr, plan, writer=writer, wait=wait, progress=reporter, check_clock=False)
+    try:
+        with RunLogWriter(log, attrs=attrs) as writer:
+            # runnable_plan probed the clock already (or the plan has no drift).
+            run_characterization(driver, addr, plan, writer=writer, wait=wait, progress=reporter, check_clock=False)
+    except ReplayDiverged:
+        # out holds a part of a copy of the replayed log, nothing measured: the original is the record.
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     data = load_calibration_log(log)
     fit = _fit_quietly(data, prior, bootstrap, seed, reporter)
     params_file = add_result(out, fit, data, seed=seed, progress=reporter)

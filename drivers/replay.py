@@ -110,6 +110,24 @@ class ReplayDriver(ArrayDriver):
         return f"replay of {self._recorded_identity} from {self._reader.path}"
 
     @property
+    def log_path(self) -> Path:
+        """The replayed run log."""
+        return self._reader.path
+
+    @property
+    def log_attrs(self) -> dict:
+        """The replayed log's root attributes (what the logged run recorded: its plan, its config...)."""
+        return dict(self._reader.attrs)
+
+    def log_array(self, name: str) -> np.ndarray:
+        """The array the replayed log stores under /arrays/name (RunLogError if it has none)."""
+        return self._reader.array(name)
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass: nothing to do, the clock of a replay is the log's (now() is the logged time of the next
+        operation, so a wait the logged run made between two operations is already in their times)."""
+
+    @property
     def replayed(self) -> int:
         """Logged operations (reads and programs) re-served so far."""
         return self._next

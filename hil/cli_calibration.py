@@ -22,6 +22,9 @@ console = Console(soft_wrap=True, highlight=False)
 progress_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 #: CharacterizationPlan field -> the option that sets it, for one-line messages about bad settings.
+#: --driver replay:PATH re-serves a calibration log (drivers.replay.ReplayDriver).
+REPLAY_PREFIX = "replay:"
+
 _PLAN_OPTIONS = {"n_pulses": "--pulses", "set_shapes": "--set-shape", "noise_reads": "--noise-reads",
                  "drift_first_s": "--drift-first", "drift_span_s": "--drift-span", "drift_reads": "--drift-reads"}
 
@@ -94,7 +97,12 @@ def _shapes(specs: list[str]):
 
 def _open_driver(spec: str, devices: int, rows: Optional[int], cols: Optional[int], seed: int,
                  params: Optional[Path], timeout_s: float):
-    """mock (a simulated chip) or a tester by VISA resource / serial URL (TesterDriver)."""
+    """mock (a simulated chip), replay:PATH (a calibration log re-served: ReplayDriver) or a tester by VISA
+    resource / serial URL (TesterDriver)."""
+    if spec.startswith(REPLAY_PREFIX):
+        from drivers.replay import ReplayDriver
+
+        return ReplayDriver(spec[len(REPLAY_PREFIX):])
     if spec == "mock":
         from drivers.mock import MockDriver
 
@@ -105,6 +113,78 @@ def _open_driver(spec: str, devices: int, rows: Optional[int], cols: Optional[in
     from drivers.tester import TesterDriver
 
     return TesterDriver.open(spec, timeout_s=timeout_s)
+
+
+def _replay_settings(ctx: typer.Context, drv, given: dict[str, object]) -> tuple[object, object, dict[str, int]]:
+    """(plan, addresses, fit settings) of a characterization over a replayed calibration log: the logged run's.
+
+    given: option name -> value as the command line has it; an option given explicitly that differs from the
+    logged run is refused (the replay would diverge at its first pulse or read). --seed and --bootstrap
+    (the fit's) default to the logged run's where its log says them.
+    """
+    import numpy as np
+
+    from calibration.data import ADDRESSES_ARRAY, PLAN_ATTR, CharacterizationPlan
+    from calibration.run import FIT_BOOTSTRAP_ATTR, FIT_SEED_ATTR
+    from drivers.runlog import RunLogError
+
+    attrs = drv.log_attrs
+    if PLAN_ATTR not in attrs:
+        raise _fail(f"{drv.log_path} is a run log but not a calibration log (no {PLAN_ATTR!r} attribute): replay a "
+                    f"training run with `pcm-hil replay` or `pcm-hil train --driver replay:PATH`", 2)
+    try:
+        plan = CharacterizationPlan.model_validate_json(str(attrs[PLAN_ATTR]))
+        addr = np.asarray(drv.log_array(ADDRESSES_ARRAY), np.int64)
+    except (ValueError, RunLogError) as e:
+        raise _fail(f"{drv.log_path}: its calibration plan or addresses cannot be read: {_one_line(e)}", 2) from None
+    logged: dict[str, object] = {
+        "devices": int(addr.size), "first_address": int(addr[0]) if addr.size else 0, "pulses": plan.n_pulses,
+        "set_shape": [f"{x.amplitude_ua:g}:{x.width_ns:g}" for x in plan.set_shapes], "noise_reads": plan.noise_reads,
+        "drift": plan.drift, "drift_first": plan.drift_first_s, "drift_span": plan.drift_span_s,
+        "drift_reads": plan.drift_reads}
+    def explicit(name: str) -> bool:
+        # By name: typer may bring its own click, whose ParameterSource is another enum than click's.
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    for name, want in logged.items():
+        if not explicit(name):
+            continue
+        have = given[name]
+        if name == "set_shape":
+            have = [f"{a:g}:{w:g}" for a, w in (tuple(float(x) for x in v.split(":")) for v in have)]
+        elif name == "drift" and not want and attrs.get("calibration_drift_skipped") is not None:
+            continue   # the logged run asked for drift and its driver could not: the replay skips it as it did
+        if have != want:
+            option = "--drift/--no-drift" if name == "drift" else "--" + name.replace("_", "-")
+            raise _fail(f"{option} {have} differs from the logged run's {want}: a replay runs the logged plan "
+                        f"(leave the option out, or give the logged value)", 2)
+    fit = {}
+    for name, key in (("seed", FIT_SEED_ATTR), ("bootstrap", FIT_BOOTSTRAP_ATTR)):
+        fit[name] = int(given[name]) if explicit(name) or key not in attrs else int(attrs[key])
+    return plan, addr, fit
+
+
+def _compare_with_logged_fit(drv, params) -> None:
+    """Say whether the replay's fitted parameters equal those of the pcm.toml beside the replayed log."""
+    from calibration.report import PARAMS_FILE
+    from sim import PCMParams
+
+    old = Path(drv.log_path).parent / PARAMS_FILE
+    if not old.is_file():
+        return
+    try:
+        before = PCMParams.from_toml(old).model_dump()
+    except (OSError, ValueError) as e:
+        _say(f"note: {old} cannot be read to compare with ({_one_line(e)})")
+        return
+    now = params.model_dump()
+    differ = [k for k in now if before.get(k) != now[k]]
+    if not differ:
+        _say(f"the fitted parameters equal those of {old} (all {len(now)})")
+    else:
+        _say(f"the fitted parameters differ from {old} in {len(differ)} of {len(now)}: " +
+             ", ".join(f"{k} {now[k]:.6g} (logged run {before.get(k)})" for k in differ))
 
 
 def _print_unwrapped(renderable: object) -> None:
@@ -136,9 +216,12 @@ def _report(result) -> None:
 
 
 def characterize_cmd(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="New folder for the log, pcm.toml and the plots (must not exist).")],
     driver: Annotated[str, typer.Option(help="'mock' (simulated chip), a VISA resource "
-                                             "('TCPIP::host::5025::SOCKET') or a serial URL ('socket://host:port', '/dev/ttyUSB0').")] = "mock",
+                                             "('TCPIP::host::5025::SOCKET'), a serial URL ('socket://host:port', '/dev/ttyUSB0') "
+                                             "or 'replay:DIR/calibration.h5' (a calibration log re-served; its plan and fit "
+                                             "settings are used).")] = "mock",
     devices: Annotated[int, typer.Option(min=1, help="Devices to characterize (addresses first-address .. +N-1).")] = 1000,
     pulses: Annotated[int, typer.Option(min=1, help="SET pulses after RESET, one at a time, read after each.")] = 20,
     first_address: Annotated[int, typer.Option(min=0, help="First device address.")] = 0,
@@ -160,8 +243,8 @@ def characterize_cmd(
     import numpy as np
     from pydantic import ValidationError
 
-    from calibration.data import CharacterizationPlan
-    from calibration.errors import CalibrationError
+    from calibration.data import DRIFT_SKIPPED_ATTR, CharacterizationPlan
+    from calibration.errors import CalibrationError, ReplayDiverged
     from calibration.experiments import check_feasible, cost, plan_summary, runnable_plan
     from calibration.run import characterize
     from drivers.errors import DriverError
@@ -178,14 +261,27 @@ def characterize_cmd(
     prior_params = _params(prior, "--prior")
     try:
         drv = _open_driver(driver, first_address + devices, rows, cols, seed, params, timeout)
-    except (DriverError, OSError, ValueError) as e:
+    except (DriverError, RunLogError, OSError, ValueError) as e:
         raise _fail(f"cannot open driver {driver!r}: {_one_line(e)}", 1) from None
+    replay = driver.startswith(REPLAY_PREFIX)
     try:
         addr = np.arange(first_address, first_address + devices)
+        if replay:
+            given = {"devices": devices, "first_address": first_address, "pulses": pulses,
+                     "set_shape": set_shape or [], "noise_reads": noise_reads, "drift": drift,
+                     "drift_first": drift_first, "drift_span": drift_span, "drift_reads": drift_reads,
+                     "seed": seed, "bootstrap": bootstrap}
+            plan, addr, fit_settings = _replay_settings(ctx, drv, given)
+            seed, bootstrap = fit_settings["seed"], fit_settings["bootstrap"]
         check_feasible(drv, plan, addr)
         # Before the plan is shown: its cost must be what will run.
         plan, skipped = runnable_plan(drv, plan)
+        if replay and skipped is None:
+            skipped = drv.log_attrs.get(DRIFT_SKIPPED_ATTR)   # the logged run skipped drift; its plan says no drift
         _say(drv.identity)
+        if replay:
+            _say(f"replaying the logged run: {addr.size} devices from address {int(addr[0])}, fit with --seed {seed} "
+                 f"--bootstrap {bootstrap}")
         if skipped:
             _say(f"note: {skipped}; the drift fields will come from "
                  f"{'--prior' if prior else 'the default model'} (--no-drift skips this probe of the clock)")
@@ -194,13 +290,16 @@ def characterize_cmd(
             result = characterize(drv, addr, plan, out, progress=bar, bootstrap=bootstrap, seed=seed,
                                   prior=prior_params, drift_skipped=skipped)
     except (CalibrationError, DriverError, RunLogError, OSError) as e:
-        exit_ = _fail(_one_line(e), 1)
+        exit_ = _fail(_one_line(e) + (f"; nothing written ({out} not made)" if isinstance(e, ReplayDiverged) else ""),
+                      1)
         if (out / "calibration.h5").exists():
             typer.echo(f"the measurements are kept in {out / 'calibration.h5'}; fit them with `pcm-hil fit`", err=True)
         raise exit_ from None
     finally:
         drv.close()
     _report(result)
+    if replay:
+        _compare_with_logged_fit(drv, result.fit.params)
 
 
 def fit_cmd(
