@@ -187,17 +187,115 @@ class AnalogConv2d(AnalogLayer):
                 f"padding={self.padding}")
 
 
+class AnalogLSTMCell(AnalogLayer):
+    """One LSTM layer's matrices on the array as one block: [x_t, h_{t-1}, 1] (input_size + hidden_size + 1 rows)
+    -> the 4 * hidden_size gate pre-activations (torch's order: input, forget, cell, output gates).
+
+    One block, not an input and a recurrent matrix apart: the crossbar multiplies the concatenated vector in
+    one read per time step, the bias is one row (torch's b_ih + b_hh), and every time step is one use whose
+    factors stack (A: (time steps x batch) rows of [x_t, h_{t-1}, 1], D: the gates' gradients), so the update
+    is the paper's over both matrices at once. The nonlinearities run on the host.
+    """
+
+    kind = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, initial: np.ndarray | None = None) -> None:
+        super().__init__(input_size + hidden_size, 4 * hidden_size, initial)
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One time step: x (batch, input_size), state (h, c) each (batch, hidden_size) -> the new (h, c)."""
+        h, c = state
+        z = self.matmul(torch.cat([x, h], dim=1))
+        i, f, g, o = z.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, hidden_size={self.hidden_size}"
+
+
+class AnalogLSTM(nn.Module):
+    """nn.LSTM (one or more layers, unidirectional, no projection) on the array: one AnalogLSTMCell per layer.
+
+    forward(x, hx=None) -> (output, (h_n, c_n)) as nn.LSTM's: x (batch, time, input) if batch_first, else
+    (time, batch, input); hx None starts from zeros. Backward runs through autograd over the time steps
+    (truncated backpropagation through time over the sequence given).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, batch_first: bool = False,
+                 initial: list[np.ndarray] | None = None) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
+        self.batch_first = bool(batch_first)
+        sizes = [self.input_size] + [self.hidden_size] * (self.num_layers - 1)
+        self.cells = nn.ModuleList(AnalogLSTMCell(n, self.hidden_size, None if initial is None else initial[k])
+                                   for k, n in enumerate(sizes))
+
+    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        t_len, b = x.shape[0], x.shape[1]
+        if hx is None:
+            zeros = torch.zeros(b, self.hidden_size, dtype=x.dtype)
+            state = [(zeros, zeros) for _ in self.cells]
+        else:
+            state = [(hx[0][k], hx[1][k]) for k in range(self.num_layers)]
+        seq = list(x.unbind(0))
+        for k, cell in enumerate(self.cells):
+            h, c = state[k]
+            out = []
+            for t in range(t_len):
+                h, c = cell(seq[t], (h, c))
+                out.append(h)
+            state[k] = (h, c)
+            seq = out
+        y = torch.stack(seq, 0)
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        return y, (torch.stack([h for h, _ in state]), torch.stack([c for _, c in state]))
+
+    @classmethod
+    def from_torch(cls, m: nn.LSTM, name: str = "") -> AnalogLSTM:
+        """The same LSTM, its weights as the cells' blocks ([W_ih^T; W_hh^T; b_ih + b_hh] per layer)."""
+        where = f"layer {name!r} " if name else ""
+        for what, bad in (("bidirectional=True", m.bidirectional), (f"proj_size={m.proj_size}", m.proj_size),
+                          (f"dropout={m.dropout}", m.dropout)):
+            if bad:
+                raise ConvertError(f"{where}(LSTM, {what}) cannot be placed: only unidirectional LSTMs without "
+                                   "projection or inter-layer dropout map onto the array")
+        h = m.hidden_size
+        initial = []
+        for k in range(m.num_layers):
+            w_ih = getattr(m, f"weight_ih_l{k}").detach().double().numpy()
+            w_hh = getattr(m, f"weight_hh_l{k}").detach().double().numpy()
+            w = np.zeros((w_ih.shape[1] + h + 1, 4 * h))
+            w[:w_ih.shape[1]] = w_ih.T
+            w[w_ih.shape[1]:-1] = w_hh.T
+            if m.bias:
+                w[-1] = (getattr(m, f"bias_ih_l{k}").detach().double() + getattr(m, f"bias_hh_l{k}").detach().double()).numpy()
+            initial.append(w)
+        return cls(m.input_size, h, m.num_layers, m.batch_first, initial)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}"
+
+
 def analog_layers(model: nn.Module) -> list[tuple[str, AnalogLayer]]:
     """(dotted name, layer) of every analog layer, in the model's module order: the order of the mapping."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AnalogLayer)]
 
 
-def convert(model: nn.Module, digital: Iterable[str] = (), *, inplace: bool = False) -> nn.Module:
-    """The model with every nn.Linear / nn.Conv2d replaced by an analog layer, except those named in digital.
+def convert(model: nn.Module, digital: Iterable[str] = (), *, inplace: bool = False, lstm: bool = False) -> nn.Module:
+    """The model with every nn.Linear / nn.Conv2d (and with lstm=True every nn.LSTM) replaced by analog layers,
+    except those named in digital.
 
     digital: dotted module names (as model.named_modules() gives them) kept off the chip, trained by an
-    ordinary optimizer. Other layers with parameters (LSTM, normalization, embeddings...) cannot be
-    placed: ConvertError names them and says how to keep them digital. The model is copied unless inplace.
+    ordinary optimizer. Other layers with parameters (normalization, embeddings...) cannot be
+    placed: ConvertError names them and says how to keep them digital. lstm: place nn.LSTM layers too
+    (AnalogLSTM; off by default, so a model's LSTM is never put on the array unasked: network.kind = "lstm"
+    asks). The model is copied unless inplace.
     """
     keep = set(digital)
     names = {n for n, _ in model.named_modules()}
@@ -206,25 +304,28 @@ def convert(model: nn.Module, digital: Iterable[str] = (), *, inplace: bool = Fa
         raise ConvertError(f"digital names {', '.join(map(repr, unknown))} are not modules of the model "
                            f"(its modules: {', '.join(repr(n) for n in sorted(names) if n) or 'none'})")
     out = model if inplace else copy.deepcopy(model)
-    _convert_children(out, "", keep)
+    _convert_children(out, "", keep, lstm)
     if not analog_layers(out):
-        raise ConvertError("the model has no nn.Linear or nn.Conv2d layer left to place on the array")
+        raise ConvertError("the model has no nn.Linear or nn.Conv2d layer left to place on the array (nor an nn.LSTM)")
     return out.double()
 
 
-def _convert_children(parent: nn.Module, prefix: str, keep: set[str]) -> None:
+def _convert_children(parent: nn.Module, prefix: str, keep: set[str], lstm: bool) -> None:
     for child_name, child in list(parent.named_children()):
         name = f"{prefix}{child_name}"
-        if name in keep or isinstance(child, AnalogLayer):
+        if name in keep or isinstance(child, AnalogLayer | AnalogLSTM):
             continue
         if type(child) is nn.Linear:
             setattr(parent, child_name, AnalogLinear.from_torch(child))
         elif type(child) is nn.Conv2d:
             setattr(parent, child_name, AnalogConv2d.from_torch(child, name))
+        elif type(child) is nn.LSTM and lstm:
+            setattr(parent, child_name, AnalogLSTM.from_torch(child, name))
         else:
             own = [p for p, _ in child.named_parameters(recurse=False)]
             if own:
                 raise ConvertError(f"layer {name!r} ({type(child).__name__}, parameters {', '.join(own)}) cannot be "
-                                   "placed on the array (analog layers: Linear, Conv2d); keep it digital with "
+                                   "placed on the array (analog layers: Linear, Conv2d; LSTM by convert(..., "
+                                   "lstm=True)); keep it digital with "
                                    f"network.digital = [\"{name}\"] (convert(..., digital=[{name!r}]))")
-            _convert_children(child, f"{name}.", keep)
+            _convert_children(child, f"{name}.", keep, lstm)

@@ -71,13 +71,13 @@ class _Bar:
         rate = (at.samples_trained - self.first) / dt if dt > 0 else 0.0
         from .run import link_stats
 
-        acc = at.correct / at.seen if at.seen else float("nan")
+        task = trainer.task
         link = link_stats(trainer.array.driver) if trainer.array is not None else None
         trouble = {k: v for k, v in (link or {}).items() if k != "round_trips" and v}
         extra = ("  link: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in trouble.items())) if trouble else ""
         who = "baseline " if self.baseline else ""
         description = f"{who}epoch {min(at.epoch + 1, trainer.cfg.update.epochs)}"
-        running = (f"running acc {acc:.3f}" if at.seen else "") + extra
+        running = (f"{task.running_label} {trainer.running_value():.3f}" if at.seen else "") + extra
         self._say_epochs(trainer)
         if self.live:
             self.progress.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s", acc=running,
@@ -99,12 +99,14 @@ class _Bar:
         self.progress.reset(self.task, total=self.progress.tasks[0].total)
 
     def _say_epochs(self, trainer: Any) -> None:
+        task = trainer.task
         for row in trainer.metrics[self.epochs_said:]:
             e = int(row["epoch"])
-            text = f"epoch {e}: test accuracy {row['test_accuracy']:.4f} (train, running {row['train_accuracy']:.4f})"
+            text = (f"epoch {e}: {task.label} {row[task.metric]:.4f} (train, running "
+                    f"{row[task.train_metric]:.4f})")
             if self.baseline:
                 chip = next((m for m in self.chip_metrics if int(m["epoch"]) == e), None)
-                text = f"baseline {text}" + (f"; chip {chip['test_accuracy']:.4f}" if chip else "")
+                text = f"baseline {text}" + (f"; chip {chip[task.metric]:.4f}" if chip else "")
             else:
                 self.chip_metrics.append(row)
                 text += f"; {row['set_pulses']:,.0f} SET pulses, {row['refreshes']:,.0f} refreshes so far"
@@ -128,7 +130,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             return f"{v:.4f}" if v < 1000 else f"{v:,.0f}"
         return f"{v:,}" if isinstance(v, int) else str(v)
 
-    for k in ("test_accuracy", "baseline_test_accuracy", "epochs", "samples_trained", "train_seconds",
+    metric = (summary.get("metric") or {}).get("name", "test_accuracy")
+    for k in (metric, f"baseline_{metric}", "epochs", "samples_trained", "train_seconds",
               "us_per_sample", "reads_logged", "programs_applied", "set_pulses", "reset_pulses", "refreshes"):
         table.add_row(k, fmt(summary.get(k)))
     for i, layer in enumerate((summary.get("response") or {}).get("layers", [])):
@@ -316,7 +319,9 @@ def _total_samples(cfg: Any) -> int | None:
     from .data import load_digits
 
     n = {"digits": lambda: len(load_digits(cfg.seed).y_train), "mnist": lambda: 60_000,
-         "cifar10": lambda: 50_000}[cfg.data.name]()
+         "cifar10": lambda: 50_000}.get(cfg.data.name, lambda: None)()
+    if n is None:
+        return None  # text: its windows are known once it is read
     if cfg.data.train_limit:
         n = min(n, cfg.data.train_limit)
     return n * cfg.update.epochs

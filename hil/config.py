@@ -45,15 +45,45 @@ class CnnConfig(_Strict):
     activation: Literal["relu", "sigmoid", "tanh"] = "relu"
 
 
+class LstmConfig(_Strict):
+    """network.kind = "lstm": a character-level language model; embedding (digital), LSTM and read-out on the array."""
+
+    embedding: Int = Field(16, ge=1, le=4096, description="Embedding width (digital, plain SGD beside the array).")
+    hidden: Int = Field(64, ge=1, le=4096, description="Hidden units of each LSTM layer.")
+    layers: Literal[1, 2] = Field(1, description="LSTM layers (1 or 2), each one block on the array.")
+    bptt: Int = Field(32, ge=1, le=4096, description="Characters per training item: truncated backpropagation "
+                                                     "through time over this many steps.")
+
+
+class GanConfig(_Strict):
+    """network.kind = "gan" (hil/gan.py): generator z -> g_hidden -> image (sigmoid), discriminator image -> d_hidden
+    -> 1 logit; both on the array unless network.digital names "generator" or "discriminator"."""
+
+    z_dim: Int = Field(32, ge=1, le=4096, description="Noise inputs of the generator (standard normal).")
+    g_hidden: list[Annotated[int, Strict(), Field(ge=1, le=100_000)]] = Field([128], min_length=1, description="Generator hidden widths.")
+    d_hidden: list[Annotated[int, Strict(), Field(ge=1, le=100_000)]] = Field([128], min_length=1, description="Discriminator hidden widths.")
+    leak: float = Field(0.2, ge=0, lt=1, description="Slope of the hidden layers' leaky ReLU below 0 (0: ReLU).")
+    eval_samples: Int = Field(2000, ge=10, le=100_000, description="Generated digits (fixed noise) scored per "
+                                                                   "evaluation, against as many test digits.")
+    classifier_cache: str | None = Field(None, description="Folder of the metric's cached feature classifier "
+                                                           "(default $PCM_HIL_CACHE/gan-classifier, else "
+                                                           "~/.cache/pcm-hil/gan-classifier).")
+
+
 class NetworkConfig(_Strict):
     """The network (docs/networks.md): the paper's MLP, a LeNet-style CNN, or a torch module of your own."""
 
-    kind: Literal["mlp", "cnn", "module"] = Field("mlp", description="mlp: inputs -> hidden -> classes, sigmoid; "
-                                                 "cnn: [network.cnn]; module: network.module.")
+    kind: Literal["mlp", "cnn", "module", "lstm", "gan"] = Field("mlp", description="mlp: inputs -> hidden -> classes, "
+                                                         "sigmoid; cnn: [network.cnn]; module: network.module; "
+                                                         "lstm: [network.lstm] on data.name = \"text\"; "
+                                                         "gan: [network.gan] on image data.")
     hidden: list[Annotated[int, Strict(), Field(ge=1, le=100_000)]] = Field([250], description="mlp: hidden layer widths.")
     activation: Literal["sigmoid"] = Field("sigmoid", description="mlp: hidden activation (the paper's MLP uses sigmoid).")
     init_scale: float = Field(1.0, gt=0, description="mlp: initial weights ~ U(-s*sqrt(6/(fan_in+fan_out)), +...), s = this.")
     cnn: CnnConfig = Field(default_factory=CnnConfig)
+    # None unless given (not a default table), so the TOML and digest of every other kind's config stay as they were
+    lstm: LstmConfig | None = Field(None, description="kind = lstm: the language model's sizes (defaults if absent).")
+    gan: GanConfig | None = Field(None, description="kind = gan: the GAN's sizes and metric (defaults if absent).")
     module: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                description="kind = module: 'package.module:function', a function returning the "
                                            "torch.nn.Module to train (network.options are its keyword arguments).")
@@ -67,21 +97,37 @@ class NetworkConfig(_Strict):
             raise ValueError("network.module names the model of kind = \"module\", and only of it")
         if self.options and self.kind != "module":
             raise ValueError("network.options are passed to network.module only (network.kind = \"module\")")
+        if self.lstm is not None and self.kind != "lstm":
+            raise ValueError("[network.lstm] configures network.kind = \"lstm\" only")
+        if self.gan is not None and self.kind != "gan":
+            raise ValueError("[network.gan] configures network.kind = \"gan\" only")
         if self.digital and self.kind == "mlp":
             raise ValueError("network.digital: the mlp has every layer on the array; use kind = \"module\" to keep "
                              "layers digital")
         return self
 
+    @property
+    def lstm_options(self) -> LstmConfig:
+        """[network.lstm], or its defaults where the config has none."""
+        return self.lstm if self.lstm is not None else LstmConfig()
+
+    @property
+    def gan_options(self) -> GanConfig:
+        """[network.gan], or its defaults where the config has none."""
+        return self.gan if self.gan is not None else GanConfig()
+
 
 class DataConfig(_Strict):
     """Training data. MNIST is looked up at path, then $PCM_HIL_MNIST, then the offline copy, then downloaded."""
 
-    name: Literal["mnist", "digits", "cifar10"] = "mnist"
+    name: Literal["mnist", "digits", "cifar10", "text"] = "mnist"
     path: str | None = Field(None, description="mnist: folder holding the four MNIST IDX .gz files; cifar10: the "
                                                "cifar-10-batches-py folder, the folder above it, or "
-                                               "cifar-10-python.tar.gz (else $PCM_HIL_CIFAR10); docs/data.md.")
-    train_limit: Int | None = Field(None, ge=1, description="Use only the first N training samples.")
-    test_limit: Int | None = Field(None, ge=1, description="Use only the first N test samples.")
+                                               "cifar-10-python.tar.gz (else $PCM_HIL_CIFAR10); text: a UTF-8 "
+                                               "text file (default: Python's pydoc_data.topics); docs/data.md.")
+    train_limit: Int | None = Field(None, ge=1, description="Use only the first N training samples (text: windows).")
+    test_limit: Int | None = Field(None, ge=1, description="Use only the first N test samples (text: validation "
+                                                           "windows).")
     download: Bool = Field(True, description="Download MNIST when no local copy exists (MNIST only).")
 
 
@@ -102,6 +148,9 @@ class DriverConfig(_Strict):
                                                       "a [calibration] table's eps_us sets the default eps.")
     seed: Seed = Field(0, description="Seed of the mock chip.")
     analog_mvm: Bool = Field(False, description="Mock chip does the analog multiply (capability 'mvm').")
+    device: Literal["cpu", "cuda"] | None = Field(None, description="Mock chip on the torch PCM model on this torch "
+                                                 "device (sim/torch_model.py); unset: the numpy model "
+                                                 "(docs/pcm-model.md). Unset, it leaves the config digest as it was.")
     timeout_s: float = Field(10.0, gt=0, le=3600, description="Link timeout, s (visa / serial).")
     reconnect_window_s: float = Field(60.0, ge=0, le=86400, description="How long a lost link is retried with "
                                                                         "backoff before the run stops resumably, s.")
@@ -232,6 +281,13 @@ class RunConfig(_Strict):
     response: ResponseConfig = Field(default_factory=ResponseConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _data_fits_network(self) -> Self:
+        if (self.network.kind == "lstm") != (self.data.name == "text"):
+            raise ValueError("network.kind = \"lstm\" (the character-level language model) trains on data.name = "
+                             "\"text\", and text data only on it")
+        return self
 
     def to_toml(self) -> str:
         """The config as TOML (None fields left out, so it loads back to an equal config)."""

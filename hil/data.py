@@ -51,7 +51,9 @@ CIFAR10_SHAPE = (3, 32, 32)
 #: Input shapes (channels, height, width) of the image sets.
 INPUT_SHAPES = {"mnist": (1, 28, 28), "digits": (1, 8, 8), "cifar10": CIFAR10_SHAPE}
 #: The names load_dataset knows.
-DATASETS = tuple(INPUT_SHAPES)
+DATASETS = (*INPUT_SHAPES, "text")
+#: Fraction of a text corpus (its end) held out as the validation split.
+TEXT_VALID_FRACTION = 0.1
 
 
 class DataError(RuntimeError):
@@ -64,6 +66,8 @@ class Dataset:
 
     input_shape: (channels, height, width) of an image set, whose rows are the images flattened in C, H, W order
     (x.reshape(n, *input_shape)); None for data that are not images.
+    Text (load_text): x int64 (windows, bptt) character codes, y int64 (windows, bptt) the next characters;
+    n_classes the alphabet's size, alphabet its characters in code order.
     """
 
     name: str
@@ -73,6 +77,7 @@ class Dataset:
     y_test: np.ndarray
     n_classes: int
     input_shape: tuple[int, int, int] | None = None
+    alphabet: str | None = None
 
     def __post_init__(self) -> None:
         if self.input_shape is None:
@@ -405,13 +410,75 @@ def load_cifar10(path: str | Path | None = None, *, verify_md5: bool | None = No
     return Dataset("cifar10", x_train, y_train, x_test, y_test, 10, input_shape=CIFAR10_SHAPE)
 
 
-def load_dataset(name: str, path: str | None = None, download: bool = True, seed: int = 0,
-                 train_limit: int | None = None, test_limit: int | None = None) -> Dataset:
-    """The named data set ("mnist", "digits" or "cifar10"), optionally cut to its first samples.
+# ---- text (a character-level language model's corpus) ----
 
-    path: MNIST's folder or CIFAR-10's local copy (digits ignores it); download: MNIST only (CIFAR-10 is never
-    downloaded).
+def default_corpus() -> str:
+    """The text that ships with Python: pydoc_data.topics' topics, in sorted-key order, joined by newlines
+    (465,048 characters on Python 3.11)."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's characters; DataError names what is wrong (missing, a folder, not UTF-8)."""
+    p = Path(path).expanduser()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"text corpus not found at {p} (data.path)") from None
+    except IsADirectoryError:
+        raise DataError(f"text corpus {p} (data.path) is a folder; give a UTF-8 text file") from None
+    except OSError as e:
+        raise DataError(f"text corpus {p} (data.path) cannot be read ({_one_line(e)})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"text corpus {p} (data.path) is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def text_windows(codes: np.ndarray, bptt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items of a character sequence: windows of bptt + 1 characters starting every bptt characters (inputs
+    codes[i*bptt : (i+1)*bptt], targets shifted by one), so every character is predicted exactly once."""
+    n = (len(codes) - 1) // bptt
+    x = codes[:n * bptt].reshape(n, bptt)
+    y = codes[1:n * bptt + 1].reshape(n, bptt)
+    return np.ascontiguousarray(x, np.int64), np.ascontiguousarray(y, np.int64)
+
+
+def load_text(path: str | Path | None = None, bptt: int = 32) -> Dataset:
+    """A character corpus as windows of bptt characters: the last TEXT_VALID_FRACTION of it is the validation
+    split (x_test, y_test), the rest the training split; the alphabet is every character of the corpus, sorted.
+
+    path: a UTF-8 text file; None: default_corpus().
     """
+    if path is None:
+        text, where = default_corpus(), "the default corpus (pydoc_data.topics)"
+    else:
+        text, where = read_text(path), f"text corpus {Path(path).expanduser()} (data.path)"
+    n_valid = int(len(text) * TEXT_VALID_FRACTION)
+    need = int(np.ceil((bptt + 1) / TEXT_VALID_FRACTION))
+    if n_valid < bptt + 1 or len(text) - n_valid < bptt + 1:
+        raise DataError(f"{where} has {len(text):,} characters; with network.lstm.bptt = {bptt} it needs at least "
+                        f"{need:,} (one window of {bptt + 1} characters in its last {TEXT_VALID_FRACTION:.0%}, the "
+                        "validation split)")
+    alphabet = "".join(sorted(set(text)))
+    lookup = {c: i for i, c in enumerate(alphabet)}
+    codes = np.fromiter((lookup[c] for c in text), np.int64, len(text))
+    x_train, y_train = text_windows(codes[:len(text) - n_valid], bptt)
+    x_test, y_test = text_windows(codes[len(text) - n_valid:], bptt)
+    return Dataset("text", x_train, y_train, x_test, y_test, len(alphabet), alphabet=alphabet)
+
+
+def load_dataset(name: str, path: str | None = None, download: bool = True, seed: int = 0,
+                 train_limit: int | None = None, test_limit: int | None = None, bptt: int = 32) -> Dataset:
+    """The named data set ("mnist", "digits", "cifar10" or "text"), optionally cut to its first samples.
+
+    path: MNIST's folder, CIFAR-10's local copy or the text file (digits ignores it); download: MNIST only
+    (CIFAR-10 is never downloaded); bptt: text only, characters per window (network.lstm.bptt).
+    """
+    if name == "text":
+        return load_text(path, bptt).limited(train_limit, test_limit)
     if name == "mnist":
         ds = load_mnist(path, download)
     elif name == "digits":

@@ -1,4 +1,5 @@
-"""The networks a run config names (network.kind): the paper's MLP, a LeNet-style CNN, or a user's own module.
+"""The networks a run config names (network.kind): the paper's MLP, a LeNet-style CNN, a user's own module, the
+character-level LSTM language model (hil/charlm.py) or the GAN (hil/gan.py).
 
 build_network() returns a Network: the analog layers' shapes and initial weights (what the mapping
 and the initial programming need) and, except for the MLP's fast path, the converted torch model.
@@ -146,6 +147,16 @@ def build_network(cfg: RunConfig, data: Dataset, *, torch_model: bool | None = N
         for (_, layer), w in zip(analog_layers(model), w0, strict=True):
             layer.initial[:] = w
         return _network("mlp", model)
+    if net.kind == "lstm":
+        from .charlm import charlm_module
+
+        if data.alphabet is None:
+            raise ConfigError("network.kind = \"lstm\" needs text data (data.name = \"text\")")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            raw_lm = charlm_module(cfg, data.n_classes)
+        # the embedding is a lookup, no multiply: it stays digital
+        return _network("lstm", convert(raw_lm, ["embed"], lstm=True))
     if net.kind == "gan":
         # the GAN builds its two networks itself (hil/gan.py), imported only by a GAN run
         return importlib.import_module("hil.gan").build_network(cfg, data)

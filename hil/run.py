@@ -161,9 +161,11 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
 
 
 def run_baseline(cfg: RunConfig, data: Dataset, progress: Callable[[Trainer], None] | None = None,
-                 progress_every: int = 200) -> Trainer:
-    """The float64 software network: same init, same data order, same loop."""
+                 progress_every: int = 200, artifact_dir: Path | None = None) -> Trainer:
+    """The float64 software network: same init, same data order, same loop. artifact_dir: where its task may
+    write what an evaluation makes besides the metric (created by the task if it writes)."""
     t = Trainer(cfg, data)
+    t.artifact_dir = artifact_dir
     t.run(progress, progress_every)
     return t
 
@@ -188,7 +190,8 @@ class StopFlag:
 
 def _load_data(cfg: RunConfig) -> Dataset:
     d = cfg.data
-    return load_dataset(d.name, d.path, d.download, cfg.seed, d.train_limit, d.test_limit)
+    return load_dataset(d.name, d.path, d.download, cfg.seed, d.train_limit, d.test_limit,
+                        bptt=cfg.network.lstm_options.bptt)
 
 
 def _tester_last_id(inner: ArrayDriver) -> int:
@@ -304,16 +307,17 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     t.run(progress, progress_every, stop_after_steps=stop_after_steps)
     t.checkpoint()
     summary = t.summary()
-    summary["baseline_test_accuracy"] = None
+    task = t.task  # its metric: test_accuracy for a classifier, bits_per_char for the LSTM, ...
+    summary[f"baseline_{task.metric}"] = summary["metric"]["baseline"] = None
     if baseline and t.at.epoch >= cfg.update.epochs:
-        b = run_baseline(cfg, data, baseline_progress, progress_every)
-        summary["baseline_test_accuracy"] = b.summary()["test_accuracy"]
+        b = run_baseline(cfg, data, baseline_progress, progress_every, artifact_dir=run_dir / "baseline")
+        summary[f"baseline_{task.metric}"] = summary["metric"]["baseline"] = b.summary()[task.metric]
         if s.writer is not None:
             # beside the chip's rows, under their own names (a reader selecting rows by "epoch" gets the chip's)
             for row in b.metrics:
                 s.writer.log_metrics(t.at.step, baseline_epoch=row["epoch"],
-                                     baseline_test_accuracy=row["test_accuracy"],
-                                     baseline_train_accuracy=row["train_accuracy"])
+                                     **{f"baseline_{task.metric}": row[task.metric],
+                                        f"baseline_{task.train_metric}": row[task.train_metric]})
             # the baseline's final weights, shaped like the layer's mapping/layerN_gplus (pcm-hil report's weights)
             for i, w in enumerate(b.weights):
                 s.writer.write_array(f"baseline/layer{i}_weights", w, units="weight units")
