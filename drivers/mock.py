@@ -6,15 +6,19 @@ the chip's own timeline and a run is reproducible whatever the host machine's sp
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from sim import PCMArray, PCMParams
+from sim import PCMArray, PCMParams, StateFileError
 
 from .base import MVM, ArrayDriver
+from .errors import DriverError
 from .program import Block, Geometry, PulseProgram, ReadResult
 from .safety import SafetyLimits
 
@@ -37,13 +41,21 @@ class MockDriver(ArrayDriver):
 
     def __init__(self, rows: int, cols: int, *, params: PCMParams | None = None, seed: int = 0,
                  limits: SafetyLimits | None = None, timing: MockTiming | None = None,
-                 analog_mvm: bool = False, chip: PCMArray | None = None) -> None:
-        """Make a fresh chip (seeded), or wrap an existing PCMArray of rows*cols devices."""
+                 analog_mvm: bool = False, chip: Any = None, device: str | None = None) -> None:
+        """Make a fresh chip (seeded), or wrap an existing PCMArray (or TorchPCMArray) of rows*cols devices.
+
+        device: None for the numpy model (sim.PCMArray), "cpu" or "cuda" for the torch one (sim/torch_model.py,
+        the config's driver.device); DriverError in one line where torch lacks that device.
+        """
         geometry = Geometry(rows, cols)
         super().__init__(geometry, limits)
         if chip is not None and chip.n_devices != geometry.n_devices:
             raise ValueError(f"chip has {chip.n_devices} devices, geometry {rows} x {cols} needs {geometry.n_devices}")
-        self.chip = chip if chip is not None else PCMArray(geometry.n_devices, params, seed=seed)
+        if chip is None:
+            chip = PCMArray(geometry.n_devices, params, seed=seed) if device is None else \
+                _torch_chip(lambda m: m.TorchPCMArray(geometry.n_devices, params, seed=seed, device=device),
+                            f'driver.device = "{device}"')
+        self.chip = chip
         self.timing = timing if timing is not None else MockTiming()
         self._t = self.chip.now
         self._last_id: int | None = None
@@ -53,13 +65,15 @@ class MockDriver(ArrayDriver):
 
     @classmethod
     def from_state(cls, path: str | Path, rows: int, cols: int, **kwargs) -> MockDriver:
-        """Wrap a chip saved with PCMArray.save (its geometry must be rows x cols)."""
-        return cls(rows, cols, chip=PCMArray.load(path), **kwargs)
+        """Wrap a chip saved with PCMArray.save or TorchPCMArray.save (its geometry must be rows x cols); the
+        file says which model it holds, and a torch chip comes back on the device type it was saved on."""
+        return cls(rows, cols, chip=load_chip(path), **kwargs)
 
     @property
     def identity(self) -> str:
         g = self.geometry
-        return f"pcm-hil,MockDriver,{g.rows}x{g.cols},seed={self._seed}"
+        backend = getattr(self.chip, "backend", None)  # the torch model's; the numpy model's identity is unchanged
+        return f"pcm-hil,MockDriver,{g.rows}x{g.cols},seed={self._seed}" + (f",model={backend}" if backend else "")
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -122,3 +136,36 @@ class MockDriver(ArrayDriver):
         if not self._analog_mvm:
             return super().mvm_t(block, d)
         return np.asarray(d, np.float64) @ self._block_conductances(block).astype(np.float64).T
+
+
+def load_chip(path: str | Path) -> Any:
+    """The chip saved at path: a PCMArray, or a TorchPCMArray when the file holds the torch model's state."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise StateFileError(f"no chip state file at {path}") from None
+    except OSError as e:
+        raise StateFileError(f"cannot read chip state {path}: {e}") from e
+    if _state_format(data) == "pcm-hil-sim-torch-state":
+        return _torch_chip(lambda m: m.TorchPCMArray.from_bytes(data, str(path)), f"the chip saved at {path}")
+    return PCMArray.from_bytes(data, str(path))
+
+
+def _state_format(data: bytes) -> Any:
+    """The format named in a chip state's JSON header (only that member is read), or None if unreadable."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return json.loads(bytes(z["meta"]).decode()).get("format")
+    except Exception:  # noqa: BLE001 - anything unreadable is left to PCMArray.from_bytes to name
+        return None
+
+
+def _torch_chip(make: Any, what: str) -> Any:
+    """make(sim.torch_model), imported only here: the numpy path never loads torch. DriverError in one line,
+    naming what asked for the device, where it is missing."""
+    from sim import torch_model
+
+    try:
+        return make(torch_model)
+    except torch_model.DeviceUnavailable as e:
+        raise DriverError(f"{what}: {e}") from None

@@ -126,6 +126,9 @@ def make_driver(cfg: RunConfig, shapes: list[tuple[int, int]], model: ChipModel)
     tester over VISA / serial, or a plugin, or a replay of a run log (which checks the programs of a dry run
     too, so it is never wrapped in a DryRunDriver)."""
     d = cfg.driver
+    if d.device is not None and d.kind != "mock":
+        raise ConfigError(f'driver.device = "{d.device}" selects the torch model of the simulated chip '
+                          f'(driver.kind = "mock"); driver.kind = "{d.kind}" has a chip of its own')
     if d.kind == "replay":
         from drivers.replay import ReplayDriver
 
@@ -141,7 +144,7 @@ def make_driver(cfg: RunConfig, shapes: list[tuple[int, int]], model: ChipModel)
         g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0)
         check_run_fits(g.n_devices, n_weights(shapes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip")
         mock = MockDriver(g.rows, g.cols, params=model.params, seed=d.seed, limits=limits_in_force(cfg),
-                          analog_mvm=d.analog_mvm)
+                          analog_mvm=d.analog_mvm, device=d.device)
         if d.dry_run:
             from drivers import DryRunDriver
 
