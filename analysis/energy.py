@@ -540,6 +540,9 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
         not_counted.append(f"the data set ({data_name}) cannot be loaded here ({msg}): the first layer's update is "
                            "counted over every input (dense), not only the nonzero ones")
     uses = _uses(cfg, kind, shapes, data_shape, notes, not_counted)
+    if not cfg.get("driver", {}).get("analog_mvm", False):
+        notes.append("the run's multiplies used the host copy of the conductances (driver.analog_mvm off); "
+                     "they are counted as the architecture does them, on the array")
 
     samples_per_epoch = int(data.x_train.shape[0]) if data is not None else None
     seed = int(cfg.get("seed", 0))
