@@ -236,7 +236,8 @@ def train_cmd(
         return
     except (ConfigError, RunDirError, CheckpointError, DataError, MappingError, DriverError, RunLogError,
             JournalError, ReconcileError) as e:
-        _fail(str(e), locals().get("run_dir"), driver)
+        # no resume hint where resuming is what cannot be done (e.g. a run log of an older schema)
+        _fail(str(e), locals().get("run_dir") if getattr(e, "resumable", True) else None, driver)
     except MemoryError:
         _fail("out of memory (the network or the array is too large for this machine)", locals().get("run_dir"), driver)
     except OSError as e:

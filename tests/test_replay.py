@@ -91,7 +91,7 @@ def test_order_and_program_contents_are_checked(tmp_path):
 def test_past_the_end_and_logs_without_geometry(tmp_path):
     path = tmp_path / "run.h5"
     with RunLogWriter(path) as w:
-        w.log_reads(0, 0.5, np.array([1, 2]), np.array([3.0, 4.0], np.float32), "x")
+        w.log_reads(0, 0.5, np.array([1, 2]), np.array([3.0, 4.0], np.float32), "periodic")
     with pytest.raises(RunLogError, match="geometry"):
         ReplayDriver(path)
     with ReplayDriver(path, geometry=Geometry(2, 2)) as r:

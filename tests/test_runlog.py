@@ -109,7 +109,7 @@ def test_rows_survive_any_mix_of_sizes_flushes_and_chunk_boundaries(tmp_path_fac
         for i, n in enumerate(sizes):
             a = rng.integers(0, 2**32 - 1, n, dtype=np.int64)
             g = rng.standard_normal(n).astype(np.float32)
-            w.log_reads(i, float(i), a, g, f"r{i % 3}")
+            w.log_reads(i, float(i), a, g, ["periodic", "after-program", "evaluation"][i % 3])
             addrs.append(a)
             gs.append(g)
             if i % flush_every == 0:
@@ -256,12 +256,12 @@ def test_not_hdf5_at_all(tmp_path):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda w: w.log_reads(0, 0.0, np.arange(3), np.ones(2, np.float32), "x"), "one length"),
-    (lambda w: w.log_reads(0, 0.0, np.array([-1]), np.ones(1, np.float32), "x"), "0 .."),
-    (lambda w: w.log_reads(0, 0.0, np.array([2**32]), np.ones(1, np.float32), "x"), "0 .."),
-    (lambda w: w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), ""), "non-empty"),
-    (lambda w: w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), "x" * 65), "at most 63 printable ASCII"),
-    (lambda w: w.log_reads(0, 0.0, np.arange(2), np.array(["a", "b"]), "x"), "must be numbers"),
+    (lambda w: w.log_reads(0, 0.0, np.arange(3), np.ones(2, np.float32), "periodic"), "one length"),
+    (lambda w: w.log_reads(0, 0.0, np.array([-1]), np.ones(1, np.float32), "periodic"), "0 .."),
+    (lambda w: w.log_reads(0, 0.0, np.array([2**32]), np.ones(1, np.float32), "periodic"), "0 .."),
+    (lambda w: w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), ""), "'' is not one of the reasons"),
+    (lambda w: w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), "x"), "'x' is not one of the reasons"),
+    (lambda w: w.log_reads(0, 0.0, np.arange(2), np.array(["a", "b"]), "periodic"), "must be numbers"),
     (lambda w: w.log_metrics(0), "at least one"),
     (lambda w: w.log_metrics(0, acc="high"), "must be a number"),
     (lambda w: w.set_attrs(schema="mine"), "set by the run log"),
@@ -275,9 +275,17 @@ def test_bad_calls_raise_run_log_errors_and_keep_the_log_usable(tmp_path, call, 
     with RunLogWriter(path) as w:
         with pytest.raises(RunLogError, match=match):
             call(w)
-        w.log_reads(0, 0.0, np.arange(2), np.ones(2, np.float32), "fine")
+        w.log_reads(0, 0.0, np.arange(2), np.ones(2, np.float32), "initial")
     with RunLogReader(path) as r:
         assert r.counts["reads"] == 2
+
+
+@pytest.mark.parametrize("reasons, match", [([""], "non-empty"), (["x" * 65], "at most 63 printable ASCII"),
+                                            ("fine", "a list of read reasons")])
+def test_bad_extra_reasons_are_refused_before_the_file_is_made(tmp_path, reasons, match):
+    with pytest.raises(RunLogError, match=match):
+        RunLogWriter(tmp_path / "run.h5", reasons=reasons)
+    assert not (tmp_path / "run.h5").exists()
 
 
 def test_closed_writer_refuses_and_close_is_idempotent(tmp_path):
@@ -285,17 +293,17 @@ def test_closed_writer_refuses_and_close_is_idempotent(tmp_path):
     w.close()
     w.close()
     with pytest.raises(RunLogError, match="closed"):
-        w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), "x")
+        w.log_reads(0, 0.0, np.arange(1), np.ones(1, np.float32), "periodic")
 
 
 def test_a_second_writer_on_a_live_log_is_refused(tmp_path):
     path = tmp_path / "run.h5"
     with RunLogWriter(path) as w:
-        w.log_reads(0, 0.0, np.arange(2), np.ones(2, np.float32), "x")
+        w.log_reads(0, 0.0, np.arange(2), np.ones(2, np.float32), "periodic")
         w.flush()
         with pytest.raises(RunLogError, match="another writer"):
             RunLogWriter(path, append=True)
-        w.log_reads(1, 0.0, np.arange(2), np.ones(2, np.float32), "x")
+        w.log_reads(1, 0.0, np.arange(2), np.ones(2, np.float32), "periodic")
     with RunLogReader(path) as r:
         assert r.counts["read_events"] == 2
 

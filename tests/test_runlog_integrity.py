@@ -12,6 +12,7 @@ import pytest
 
 from drivers import LoggedDriver, MockDriver, PulseProgram
 from drivers.replay import ReplayDriver
+from drivers.runlog.schema import READ_EVENT
 from drivers.runlog import (CHECKSUMS, DATASETS, SCHEMA_VERSION, RunLogError, RunLogReader, RunLogWarning,
                             RunLogWriter, verify_log)
 
@@ -55,7 +56,7 @@ def test_a_finished_log_verifies(tmp_path):
     path = tmp_path / "run.h5"
     _record(path, flush_every=7)
     with RunLogReader(path) as r:
-        assert r.schema_version == SCHEMA_VERSION == 2 and r.has_checksums
+        assert r.schema_version == SCHEMA_VERSION == 3 and r.has_checksums
         assert r.verify() == [] and r.torn_tail == {}
     assert "verified" in verify_log(path)
     with ReplayDriver(path) as rep:                     # replays without a word
@@ -168,8 +169,13 @@ def test_a_checksum_past_the_end_of_its_rows_is_a_problem(tmp_path):
 
 
 def _as_schema_1(path) -> None:
-    """What a version-1 writer left: the same datasets without /checksums or array CRCs."""
+    """What a version-1 writer left: the same datasets without /checksums or array CRCs, the read reason a
+    plain uint16 code (schema 3 made it an enum)."""
     with h5py.File(path, "r+") as f:
+        ev = f["reads/events"]
+        rows, chunks = ev[:], ev.chunks
+        del f["reads/events"]
+        f.create_dataset("reads/events", data=rows.astype(READ_EVENT), maxshape=(None,), chunks=chunks)
         del f[CHECKSUMS]
         del f["arrays/mapping/table"].attrs["crc32"]
         f.attrs["schema_version"] = np.int64(1)
@@ -191,7 +197,7 @@ def test_a_schema_1_log_reads_replays_with_a_warning_and_is_not_appended_to(tmp_
     with rep:
         assert rep.remaining == 1 + 8 * 2
     before = _digest(path)
-    with pytest.raises(RunLogError, match="schema version 1 .no checksums.; this version appends only to schema 2"):
+    with pytest.raises(RunLogError, match="schema version 1 .no checksums.*; this version appends only to schema 3"):
         RunLogWriter(path, append=True)
     assert _digest(path) == before
 

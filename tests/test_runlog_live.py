@@ -217,7 +217,8 @@ BUSY = textwrap.dedent("""
     import numpy as np
     from drivers import PulseProgram
     from drivers.runlog import RunLogWriter
-    w = RunLogWriter(sys.argv[1], flush_interval_s=0.002, append=sys.argv[2] == "append")
+    w = RunLogWriter(sys.argv[1], flush_interval_s=0.002, append=sys.argv[2] == "append",
+                     reasons=["r%d" % k for k in range(5)])
     i = w.counts["read_events"]
     print("ready", flush=True)
     while True:

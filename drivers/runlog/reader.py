@@ -19,7 +19,7 @@ import numpy.typing as npt
 from ..program import PulseProgram, PulseShape, PulseShapes
 from .checksums import chain, crc, crcs, load_table
 from .files import check_not_truncated, describe_open_error, open_h5, open_swmr_read_once
-from .schema import ARRAY_CRC_ATTR, ARRAYS, DATASETS, RunLogError, attr_value, check_schema
+from .schema import ARRAY_CRC_ATTR, ARRAYS, DATASETS, RunLogError, attr_value, check_schema, enum_reason_names
 
 #: Problems quoted in one RunLogError message; the rest are counted.
 QUOTED_PROBLEMS = 5
@@ -106,7 +106,9 @@ class RunLogReader:
     def _read_names(self) -> None:
         def names(name: str) -> list[str]:
             return [bytes(b).decode("utf-8", "replace") for b in self._ds[name][:self._n[name]]]
-        self._reason_names = self._guard(names, "reads/reason_names")
+        # Schema 3: the enum names the codes (the table repeats it, checksummed); before, only the table does.
+        enum = self._guard(enum_reason_names, self._ds["reads/events"]) if self.schema_version >= 3 else None
+        self._reason_names = enum if enum is not None else self._guard(names, "reads/reason_names")
         self._metric_names = self._guard(names, "metrics/names")
 
     # ------------------------------------------------------------------ integrity
@@ -408,14 +410,20 @@ def _rows(chunk_rows: int) -> int:
     return int(chunk_rows)
 
 
-def verify_log(path: str | Path) -> str:
+def verify_log(path: str | Path, *, for_append: bool = False) -> str:
     """Check every checksummed row and array of the run log at path without changing it.
 
     Returns a one-line summary ("... rows verified", or "no checksums (schema 1)" for a log that has
     none); raises RunLogError naming the file, the failing datasets and their row ranges otherwise.
     Rows past a dataset's last checksum (a killed writer's torn tail) are counted, not refused.
+    for_append: also refuse (first) a log this code cannot append to, an older schema version (what a
+    resume asks before it writes anything).
     """
     with RunLogReader(path) as r:
+        if for_append:
+            from .writer import check_appendable
+
+            check_appendable(r.path, r.schema_version, r.attrs)
         if not r.has_checksums:
             return f"run log {r.path}: no checksums (schema 1), nothing verified"
         problems = r.verify()

@@ -4,6 +4,7 @@ file is a run log this code can read. docs/run-log.md describes every field."""
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import h5py
@@ -11,9 +12,12 @@ import numpy as np
 
 SCHEMA_NAME = "pcm-hil-runlog"
 #: Version of the file layout this code writes (root attribute ``schema_version``). Version 2 added
-#: the /checksums table; version 1 logs (no checksums) are still read.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: the /checksums table; version 3 made the read events' reason an HDF5 enum type (h5dump and HDFView
+#: show its names). Versions 1 and 2 (reason a plain uint16 code into /reads/reason_names) are still read.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: What each older version lacks, for the message that refuses to append to it.
+OLD_VERSION_LACKS = {1: "no checksums", 2: "read reasons as plain codes, not an HDF5 enum"}
 
 #: Oldest and newest HDF5 file-format features the log may use: v110 is the first with SWMR and is
 #: what HDF5 1.10 readers (Debian's h5dump, older h5py) understand.
@@ -27,6 +31,12 @@ U32_MAX = 2**32 - 1
 U16_MAX = 2**16 - 1
 RESERVED_ATTRS = ("schema", "schema_version", "created_utc")
 
+#: The read reasons of the project, in code order: every schema-3 log's reason enum starts with these
+#: (so a code means the same reason in every log); RunLogWriter(reasons=...) appends others at creation.
+READ_REASONS = ("initial", "after-program", "periodic", "evaluation", "refresh-verify", "resume", "probe",
+                "calibration-pulse", "calibration-noise", "calibration-drift")
+#: The read event's layout. Schema 3 stores the reason field as an HDF5 enum over uint16 (reason_dtype);
+#: numpy compares the two as equal, the bytes are the same, and versions 1 and 2 store plain uint16.
 READ_EVENT = np.dtype([("seq", "<u8"), ("step", "<i8"), ("t_s", "<f8"), ("wall_s", "<f8"), ("reason", "<u2"),
                        ("start", "<u8"), ("count", "<u8")])
 PROGRAM_EVENT = np.dtype([("seq", "<u8"), ("program_id", "<i8"), ("step", "<i8"), ("t_s", "<f8"),
@@ -73,8 +83,51 @@ CHECKSUM_CHUNK = 1 << 10
 ARRAY_CRC_ATTR = "crc32"            # on each /arrays dataset (schema 2): CRC-32 of the array's bytes
 
 
+def reason_names_for(extra: Sequence[str] = ()) -> list[str]:
+    """READ_REASONS followed by the extra reasons not among them (in their order); RunLogError for a bad name."""
+    names = list(READ_REASONS)
+    for name in extra:
+        encode_name("read reason", name)
+        if name not in names:
+            names.append(name)
+    if len(names) > U16_MAX + 1:
+        raise RunLogError(f"too many distinct read reasons (at most {U16_MAX + 1})")
+    return names
+
+
+def reason_dtype(names: Sequence[str]) -> np.dtype:
+    """The HDF5 enum type (over little-endian uint16) of the read reasons names, code i = names[i]."""
+    return h5py.enum_dtype({n: i for i, n in enumerate(names)}, basetype=np.dtype("<u2"))
+
+
+def read_event_dtype(names: Sequence[str]) -> np.dtype:
+    """READ_EVENT with its reason field the enum of names (schema 3)."""
+    return np.dtype([(f, reason_dtype(names) if f == "reason" else READ_EVENT.fields[f][0])
+                     for f in READ_EVENT.names])
+
+
+def enum_reason_names(ds: h5py.Dataset) -> list[str] | None:
+    """The reason enum's names by code of a read events dataset, or None when its reason is a plain integer
+    (schema 1 and 2). RunLogError when the enum's codes are not 0 .. n-1."""
+    mapping = h5py.check_enum_dtype(ds.dtype["reason"])
+    if mapping is None:
+        return None
+    by_code = sorted((int(v), str(k)) for k, v in mapping.items())
+    if [c for c, _ in by_code] != list(range(len(by_code))):
+        raise RunLogError(f"the read reason enum of {ds.file.filename} does not number its names 0 .. "
+                          f"{len(by_code) - 1}")
+    return [n for _, n in by_code]
+
+
 class RunLogError(Exception):
     """A run log cannot be made, opened, written or trusted; the message names the file and the problem."""
+
+
+class OldSchemaLog(RunLogError):
+    """A run log of an older schema version, which this code reads but does not append to (resumable = False:
+    a command that would append says so instead of suggesting a resume)."""
+
+    resumable = False
 
 
 class RunLogWarning(UserWarning):
@@ -108,6 +161,11 @@ def check_schema(f: h5py.File, path: Path) -> int:
             raise RunLogError(f"run log {path} is corrupt or incomplete: dataset /{name} cannot be opened ({e})") from e
         if not ok:
             raise RunLogError(f"run log {path} is corrupt: /{name} is not a 1-D dataset of {dtype}")
+    is_enum = h5py.check_enum_dtype(f["reads/events"].dtype["reason"]) is not None
+    if is_enum != (version >= 3):
+        raise RunLogError(f"run log {path} is corrupt: schema version {version} stores the read reason as "
+                          f"{'an HDF5 enum' if version >= 3 else 'a plain uint16 code'}, this file "
+                          f"{'as an enum' if is_enum else 'as a plain integer'}")
     return version
 
 

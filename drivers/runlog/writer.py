@@ -12,7 +12,7 @@ import datetime as _dt
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -28,12 +28,29 @@ from .columns import Column, create_name_table, trim_torn_tail
 from .files import (NoSpace, SpaceReserve, WriterLock, clear_writer_marks, describe_cause, describe_open_error,
                     detach, open_h5, superblock)
 from .reader import RunLogReader, format_problems
-from .schema import (ARRAY_CRC_ATTR, ARRAYS, CHECKSUMS, LIBVER, NAME, SCHEMA_NAME, SCHEMA_VERSION, U16_MAX, U32_MAX,
-                     RunLogError, attr_value, check_attr, check_schema, encode_name)
+from .schema import (ARRAY_CRC_ATTR, ARRAYS, CHECKSUMS, LIBVER, NAME, OLD_VERSION_LACKS, SCHEMA_NAME, SCHEMA_VERSION,
+                     U16_MAX, U32_MAX, OldSchemaLog, RunLogError, attr_value, check_attr, check_schema, encode_name,
+                     enum_reason_names, read_event_dtype, reason_names_for)
 
 _ARRAY_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 #: Errors of a write that libhdf5 or the file system refused (h5py raises OSError or RuntimeError).
 _WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def check_appendable(path: Path, version: int, attrs: Mapping[str, Any]) -> None:
+    """RunLogError unless this code can append to a log of schema version (a resume of an older run).
+
+    The message names what the old version lacks, who wrote it (package_version / git_commit attributes,
+    where the log has them) and what to do; the caller has changed nothing.
+    """
+    if version == SCHEMA_VERSION:
+        return
+    lacks = OLD_VERSION_LACKS.get(version, "another layout")
+    by = ", ".join(f"{k} {attrs[k]}" for k in ("package_version", "git_commit") if attrs.get(k) not in (None, "", "unknown"))
+    raise OldSchemaLog(f"run log {path} is schema version {version} ({lacks}{'; written by ' + by if by else ''}); "
+                      f"this version appends only to schema {SCHEMA_VERSION} logs, so that run cannot be "
+                      f"continued here (nothing changed): finish it with the version that started it, or start "
+                      f"a new run (its log stays readable: report, export and replay read it)")
 
 
 class RunLogWriter:
@@ -45,30 +62,40 @@ class RunLogWriter:
     """
 
     def __init__(self, path: str | Path, *, attrs: Mapping[str, str | int | float | bool] = {},
-                 flush_interval_s: float = 2.0, append: bool = False, verify: bool = True) -> None:
+                 flush_interval_s: float = 2.0, append: bool = False, verify: bool = True,
+                 reasons: Sequence[str] = ()) -> None:
         """Create a new log at path (refusing an existing path), or with append=True reopen one.
 
-        append=True first checks every checksummed row (verify=False skips that, e.g. right after
-        verify_log) and refuses a log that fails, before changing anything; then it drops the torn tail.
+        reasons: read reasons beyond schema.READ_REASONS this log will take; the read events' reason is
+        an HDF5 enum fixed when the log is made, so a read of another reason is refused (RunLogError).
+        append=True keeps the log's own enum (reasons is then ignored); it refuses a log of another
+        schema version, and first checks every checksummed row (verify=False skips that, e.g. right
+        after verify_log) and refuses a log that fails, before changing anything; then it drops the torn tail.
         """
         self.path = Path(path)
         if not flush_interval_s > 0:
             raise RunLogError(f"flush_interval_s must be positive, got {flush_interval_s}")
         self.flush_interval_s = float(flush_interval_s)
         checked = {k: check_attr(k, v) for k, v in attrs.items()}
+        if isinstance(reasons, str):
+            raise RunLogError(f"reasons must be a list of read reasons, got the string {reasons!r}")
+        names = reason_names_for(reasons)
         self._lock: WriterLock | None = None
         self._f: h5py.File | None = None
         self._space: SpaceReserve | None = None
         self._broken: str | None = None
-        self._f = self._reopen(verify) if append else self._create()
+        self._f = self._reopen(verify) if append else self._create(names)
         try:
             for k, v in checked.items():
                 self._f.attrs[k] = v
             self._cols = {name: Column(self._f[name], self._space) for name in _schema.DATASETS}
             self._sums = Column(self._f[CHECKSUMS], self._space)
+            if not append:
+                # The enum's names by code, also as the table every schema version has (with their checksums).
+                for name in names:
+                    self._cols["reads/reason_names"].append_row(name.encode("ascii"))
             self._init_state()
-            self._f.flush()
-            self._space.flushed()
+            self._flush()
             # Readers may follow from here on; every dataset exists already (SWMR cannot add them safely).
             self._f.swmr_mode = True
         except _WRITE_ERRORS as e:
@@ -79,7 +106,7 @@ class RunLogWriter:
         self._next_flush = time.monotonic() + self.flush_interval_s
 
     # ------------------------------------------------------------------ opening
-    def _create(self) -> h5py.File:
+    def _create(self, reasons: list[str]) -> h5py.File:
         if self.path.exists():
             raise RunLogError(f"run log {self.path} already exists; refusing to overwrite it "
                               f"(append=True continues it)")
@@ -101,6 +128,8 @@ class RunLogWriter:
             f.attrs["schema_version"] = np.int64(SCHEMA_VERSION)
             f.attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             for name, (dtype, chunk) in _schema.DATASETS.items():
+                if name == "reads/events":
+                    dtype = read_event_dtype(reasons)
                 if dtype == NAME:
                     create_name_table(f, name, chunk)
                 else:
@@ -187,10 +216,7 @@ class RunLogWriter:
             clear_writer_marks(self.path)  # a writer that died before SWMR: we hold the lock, it is gone
             reader = RunLogReader(self.path, _no_writer=True)
         with reader:
-            if reader.schema_version != SCHEMA_VERSION:
-                raise RunLogError(f"run log {self.path} is schema version {reader.schema_version} (no checksums); "
-                                  f"this version appends only to schema {SCHEMA_VERSION} logs: finish that run "
-                                  f"with the version that started it, or start a new one")
+            check_appendable(self.path, reader.schema_version, reader.attrs)
             if verify:
                 problems = reader.verify()
                 if problems:
@@ -198,7 +224,9 @@ class RunLogWriter:
 
     def _init_state(self) -> None:
         c = self._cols
-        self._reason_codes = {bytes(n).decode("ascii"): i for i, n in enumerate(c["reads/reason_names"].ds[:])}
+        names = enum_reason_names(c["reads/events"].ds)
+        assert names is not None   # check_schema: a log of this version has the enum
+        self._reason_codes = {n: i for i, n in enumerate(names)}
         self._metric_codes = {bytes(n).decode("ascii"): i for i, n in enumerate(c["metrics/names"].ds[:])}
         self._shape_codes = {tuple(float(x) for x in r): i for i, r in enumerate(c["programs/shapes"].ds[:])}
         last_seq = [int(c[t].ds[c[t].written - 1]["seq"]) for t in ("reads/events", "programs/events", "metrics/rows")
@@ -275,9 +303,11 @@ class RunLogWriter:
         """log_reads without the address checks (for callers whose addresses were checked already)."""
         self._check_open()
         code = self._reason_codes.get(reason)
+        if code is None:
+            raise RunLogError(f"read reason {reason!r} is not one of the reasons of run log {self.path} "
+                              f"({', '.join(self._reason_codes)}); the reasons are an HDF5 enum fixed when "
+                              f"the log is made: declare others with RunLogWriter(..., reasons=[...])")
         try:
-            if code is None:
-                code = self._add_name(self._reason_codes, "reads/reason_names", "read reason", reason)
             c = self._cols
             dev = c["reads/address"]
             start = dev.total
