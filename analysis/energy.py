@@ -187,6 +187,7 @@ class LayerCount:
     uses: int
     update_inputs: float  # nonzero inputs (bias included) summed over the uses, per sample
     update_inputs_from: str  # how update_inputs was counted
+    input_grad: bool = True  # whether the backward pass needs the gradient of the layer's input (d @ W^T)
 
     @property
     def weights(self) -> int:
@@ -198,8 +199,8 @@ class LayerCount:
 
     @property
     def backward_macs(self) -> int:
-        """d @ W^T without the bias row; the first layer's input needs no gradient."""
-        return self.uses * self.fan_in * self.fan_out if self.index > 0 else 0
+        """d @ W^T without the bias row; none where the input needs no gradient (an MLP's or CNN's first layer)."""
+        return self.uses * self.fan_in * self.fan_out if self.input_grad else 0
 
     @property
     def forward_dac(self) -> int:
@@ -211,11 +212,11 @@ class LayerCount:
 
     @property
     def backward_dac(self) -> int:
-        return self.uses * self.fan_out if self.index > 0 else 0
+        return self.uses * self.fan_out if self.input_grad else 0
 
     @property
     def backward_adc(self) -> int:
-        return self.uses * self.fan_in if self.index > 0 else 0
+        return self.uses * self.fan_in if self.input_grad else 0
 
     @property
     def update_macs(self) -> float:
@@ -223,9 +224,18 @@ class LayerCount:
         return self.update_inputs * self.fan_out
 
     @property
+    def update_words(self) -> float:
+        """32-bit words (chi, or the digital side's weights) the update reads and writes per sample: one per
+        touched weight. A layer applied several times per sample (conv positions, time steps) sums its uses'
+        products before it writes (hil.network.accumulate_rows: one A^T D per step), so its touched rows are at
+        most fan_in + 1."""
+        rows = self.update_inputs if self.uses == 1 else min(self.fan_in + 1, self.update_inputs)
+        return rows * self.fan_out
+
+    @property
     def weight_reads(self) -> int:
         """Digital side: the layer's weights read once per pass (forward; backward past the first layer)."""
-        return self.weights + (self.fan_in * self.fan_out if self.index > 0 else 0)
+        return self.weights + (self.fan_in * self.fan_out if self.input_grad else 0)
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "kind": self.kind, "fan_in": self.fan_in,
@@ -233,7 +243,8 @@ class LayerCount:
                 "forward_macs": self.forward_macs, "backward_macs": self.backward_macs,
                 "forward_dac": self.forward_dac, "forward_adc": self.forward_adc, "backward_dac": self.backward_dac,
                 "backward_adc": self.backward_adc, "update_inputs": self.update_inputs,
-                "update_inputs_from": self.update_inputs_from, "update_macs": self.update_macs}
+                "update_inputs_from": self.update_inputs_from, "update_macs": self.update_macs,
+                "update_words": self.update_words, "input_grad": self.input_grad}
 
 
 @dataclass
@@ -339,10 +350,17 @@ def _uses(cfg: dict[str, Any], kind: str, shapes: list[tuple[str, int, int]], da
           notes: list[str], not_counted: list[str]) -> list[tuple[str, int, dict[str, int] | None]]:
     """Per layer: kind ("linear" / "conv2d"), uses per sample, and a conv layer's geometry (for the nonzero count)."""
     n = len(shapes)
+    if kind == "lstm":
+        # every block (LSTM layers, read-out) is applied once per character of the bptt window
+        bptt = int((cfg.get("network", {}).get("lstm") or {}).get("bptt", 32))
+        notes.append(f"network.kind = \"lstm\": each layer is applied {bptt} times per training item (network.lstm.bptt), "
+                     "and a training sample is one window")
+        return [("lstm" if i < n - 1 else "linear", bptt, None) for i in range(n)]
     if kind != "cnn":
-        if kind == "module":
-            not_counted.append("network.kind = \"module\": how often each layer is applied per sample is not in the log; "
-                               "every layer is counted once per sample (a conv layer's output positions are not)")
+        if kind != "mlp":
+            not_counted.append(f"network.kind = \"{kind}\": how often each layer is applied per sample is not derived "
+                               "from the log; every layer is counted once per sample (a conv layer's output positions, "
+                               "a recurrent layer's time steps are not)")
         return [("linear", 1, None)] * n
     c = cfg.get("network", {}).get("cnn", {})
     channels = list(c.get("channels", [8, 16]))
@@ -561,15 +579,21 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
 
     layers: list[LayerCount] = []
     for i, ((name, fan_in, fan_out), (lkind, u, geom)) in enumerate(zip(shapes, uses, strict=True)):
-        if i == 0 and times is not None and samples:
+        if i == 0 and times is not None and samples and kind in ("mlp", "cnn"):
             nz = first_layer_nonzero(data.x_train, geom)
             upd = float((nz * times).sum() / samples)
             how = (f"nonzero inputs of the {data_name} samples this run trained ({samples:,}), counted in the data "
                    "set, bias included")
         else:
             upd = float(u * (fan_in + 1))
-            how = "every input counted (dense), bias included" if i else "every input counted (dense): data set unavailable"
-        layers.append(LayerCount(i, name, lkind, fan_in, fan_out, u, upd, how))
+            if i:
+                how = "every input counted (dense), bias included"
+            elif kind not in ("mlp", "cnn"):
+                how = "every input counted (dense): nonzero inputs are counted for mlp and cnn runs only"
+            else:
+                how = "every input counted (dense): the data set could not be loaded"
+        # the first layer of an mlp / cnn takes the data (no gradient); an lstm's takes the (digital) embedding and h
+        layers.append(LayerCount(i, name, lkind, fan_in, fan_out, u, upd, how, input_grad=i > 0 or kind == "lstm"))
 
     full = [reads[k] for k in FULL_READS if k in reads]
     n_full = sum(c.devices for c in full)
@@ -630,6 +654,7 @@ def energies(c: Counts, t: dict[str, Entry]) -> tuple[dict[str, float], dict[str
     dac = sum(lc.forward_dac + lc.backward_dac for lc in c.layers)
     adc = sum(lc.forward_adc + lc.backward_adc for lc in c.layers)
     upd = sum(lc.update_macs for lc in c.layers)
+    upd_words = sum(lc.update_words for lc in c.layers)
     upd_inputs = sum(lc.update_inputs for lc in c.layers)
     acts = sum(lc.uses * lc.fan_out for lc in c.layers)
     words = sum(lc.weights for lc in c.layers)
@@ -650,8 +675,8 @@ def energies(c: Counts, t: dict[str, Entry]) -> tuple[dict[str, float], dict[str
         "analog multiply (array)": mvm_array,
         "multiply conversions (DAC, ADC)": dac * v["dac_conversion"] + adc * v["adc_conversion"],
         "chi update arithmetic": update_arith,
-        "chi memory": 2 * upd * word,
-        "pulse decisions": upd * add + pu.devices / n * (2 * mult + add),
+        "chi memory": 2 * upd_words * word,
+        "pulse decisions": upd_words * add + pu.devices / n * (2 * mult + add),
         "activations and loss": acts * v["activation"],
         "SET pulses (updates)": (set_pj(pu) + reset_pj(pu)) / n,
         "refresh pulses": (set_pj(pr) + reset_pj(pr)) / n,
@@ -662,7 +687,7 @@ def energies(c: Counts, t: dict[str, Entry]) -> tuple[dict[str, float], dict[str
         "multiply-accumulates (forward, backward)": (fwd + bwd) * (mult + add),
         "weight reads (forward, backward)": sum(lc.weight_reads for lc in c.layers) * word,
         "weight update arithmetic": update_arith,
-        "weight update memory": 2 * upd * word,
+        "weight update memory": 2 * upd_words * word,
         "activations and loss": acts * v["activation"],
     }
     return chip, digital
@@ -680,14 +705,14 @@ def times_ns(c: Counts, t: dict[str, Entry]) -> dict[str, float]:
     v = {k: e.canonical for k, e in t.items()}
     n = max(c.samples, 1)
     fwd_calls = sum(lc.uses for lc in c.layers)
-    bwd_calls = sum(lc.uses for lc in c.layers if lc.index > 0)
+    bwd_calls = sum(lc.uses for lc in c.layers if lc.input_grad)
     pu, pr = c.programs[UPDATE], c.programs[REFRESH]
     rd = c.training_reads()
     pulse_ns = (pu.set_ns + pu.reset_ns + pr.set_ns + pr.reset_ns) / v["program_parallel_devices"]
     # round trips: each program (its read-back rides along), each read call that was no read-back, and one call
     # per layer and direction per step for the multiplies (a conv layer's patches go in one call)
     layers_fwd = len(c.layers)
-    layers_bwd = sum(1 for lc in c.layers if lc.index > 0)
+    layers_bwd = sum(1 for lc in c.layers if lc.input_grad)
     trips = pu.programs + pr.programs + (rd.calls - rd.with_program) + (layers_fwd + layers_bwd) * c.steps
     return {
         "analog multiplies": (fwd_calls + bwd_calls) * v["mvm_time"],

@@ -92,7 +92,7 @@ def _print_table(est: Any, table_file: Path | None) -> None:
     epoch = (f", {ep:.3g} epoch{'' if ep == 1 else 's'} of {c.samples_per_epoch:,} samples" if c.samples_per_epoch
              else "")
     _say(f"pcm-hil energy: {c.run_dir} ({c.state})")
-    shapes = ", ".join(f"{lc.fan_in + 1}x{lc.fan_out}" + (f" x {lc.uses:,} positions" if lc.uses > 1 else "")
+    shapes = ", ".join(f"{lc.fan_in + 1}x{lc.fan_out}" + (f" x {lc.uses:,} uses" if lc.uses > 1 else "")
                        for lc in c.layers)
     _say(f"run: {c.network_kind}, layers {shapes}; {c.samples:,} training samples in {c.steps:,} steps (batch "
          f"{c.batch_size}){epoch}")
@@ -111,6 +111,7 @@ def _print_table(est: Any, table_file: Path | None) -> None:
         t.add_row(f"layer {lc.index} update inputs (nonzero, bias incl.) of {lc.uses * (lc.fan_in + 1):,}",
                   _n(lc.update_inputs), "")
     t.add_row("chi multiply-adds (nonzero inputs)", _n(sum(lc.update_macs for lc in c.layers)), "")
+    t.add_row("chi words read and written", _n(sum(lc.update_words for lc in c.layers)), "")
     for label, key in (("update", UPDATE), ("refresh", REFRESH)):
         p = c.programs[key]
         t.add_row(f"{label} programs", _n(p.programs / n), f"{p.programs:,}")

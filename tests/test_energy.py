@@ -171,6 +171,9 @@ def test_conv_layer_counts_output_positions_and_patch_nonzeros(cnn):
     per_image = (patches != 0).sum(dim=(1, 2)).double() + 64
     assert c.samples == 120
     assert conv.update_inputs == pytest.approx(float(per_image.mean()), rel=1e-12)
+    # chi is read and written once per step per touched weight: the patches' products are summed first
+    assert conv.update_macs == pytest.approx(conv.update_inputs * 4) and conv.update_words == 10 * 4
+    assert fc.update_words == fc.update_macs == fc.update_inputs * 10
 
 
 def write(path: Path, text: str) -> Path:
