@@ -530,14 +530,21 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
         if ev["step"].size:
             last.append(int(ev["step"].max()))
     log_steps = max(last, default=0)
-    steps = int(summary["steps"]) if finished and isinstance(summary.get("steps"), int) else log_steps
-    if not finished:
-        state = "being written" if live else "stopped before its end (no finished summary.json)"
+    # a run stopped by a signal (or at a checkpoint) wrote summary.json at its last step: its counts are whole
+    stopped = (not finished and not live and bool(summary) and isinstance(summary.get("steps"), int)
+               and summary["steps"] >= log_steps)
+    steps = int(summary["steps"]) if (finished or stopped) and isinstance(summary.get("steps"), int) else log_steps
+    if finished:
+        state = "finished"
+    elif stopped:
+        how = " by a signal" if summary.get("stopped_by_signal") else ""
+        state = f"stopped{how} at step {steps:,}, before its planned epochs"
+        notes.append(f"the run stopped{how} at step {steps:,} (summary.json): the counts are over its {steps:,} steps")
+    else:
+        state = "being written" if live else "stopped without finishing (killed or crashed)"
         not_counted.append(f"the run is {'still being written' if live else 'not finished'}: the log's flushed rows "
                            f"reach step {log_steps:,}; steps after it (and rows a killed writer never flushed) are "
                            "not counted, and the per-sample figures are over the samples of those steps")
-    else:
-        state = "finished"
     if r.torn_tail:
         not_counted.append("the log has a torn tail (rows written without their checksums, not counted): "
                            + ", ".join(f"{k} {v}" for k, v in sorted(r.torn_tail.items())))
@@ -558,6 +565,10 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
         not_counted.append(f"the data set ({data_name}) cannot be loaded here ({msg}): the first layer's update is "
                            "counted over every input (dense), not only the nonzero ones")
     uses = _uses(cfg, kind, shapes, data_shape, notes, not_counted)
+    if cfg.get("driver", {}).get("dry_run", False):
+        not_counted.append("a dry run (driver.dry_run): its programs were logged but never sent; their pulses are "
+                           "counted as the logged programs would deliver them, and the read-backs are what the chip "
+                           "read without them")
     if not cfg.get("driver", {}).get("analog_mvm", False):
         notes.append("the run's multiplies used the host copy of the conductances (driver.analog_mvm off); "
                      "they are counted as the architecture does them, on the array")
@@ -568,12 +579,13 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
         times, samples = trained_indices(seed, samples_per_epoch, batch, steps)
     else:
         times = None
-        samples = int(summary["samples_trained"]) if finished and isinstance(summary.get("samples_trained"), int) \
-            else steps * batch
+        whole = (finished or stopped) and isinstance(summary.get("samples_trained"), int)
+        samples = int(summary["samples_trained"]) if whole else steps * batch
         ep = cfg.get("update", {}).get("epochs")
         if finished and isinstance(ep, int) and ep:
             samples_per_epoch = samples // ep
-    if finished and isinstance((summary or {}).get("samples_trained"), int) and summary["samples_trained"] != samples:
+    said = (summary or {}).get("samples_trained")
+    if (finished or stopped) and isinstance(said, int) and said != samples:
         notes.append(f"summary.json says {summary['samples_trained']:,} samples trained, the count from the steps "
                      f"{samples:,}; the counts use {samples:,}")
 
@@ -607,7 +619,7 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
             notes.append("no full read in the log: the multiplies' array energy uses the mean of every device read")
 
     us = (summary or {}).get("us_per_sample")
-    measured = float(us) if finished and isinstance(us, (int, float)) else None
+    measured = float(us) if (finished or stopped) and isinstance(us, (int, float)) else None
     if measured is None:
         not_counted.append("measured wall time: summary.json has none for this run (killed, live or unfinished)")
     epochs_done = samples / samples_per_epoch if samples_per_epoch else None
