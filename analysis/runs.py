@@ -8,8 +8,6 @@ ends or stops) and config.toml are read when present, never required.
 from __future__ import annotations
 
 import json
-import os
-import struct
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,29 +66,12 @@ def find_log(path: str | Path) -> tuple[Path, Path]:
 def writer_alive(log: Path) -> bool:
     """Whether a RunLogWriter holds the log's writer lock now (the run is still being written).
 
-    The writer takes an exclusive open-file-description lock on one byte far past the data
-    (drivers.runlog.files.WriterLock); asking whether a shared lock there would conflict changes nothing.
+    The lock is a file beside the log (drivers/runlog/lock.py: flock, LockFileEx or a marker file, as
+    the system has); asking takes it for an instant without waiting, so it changes nothing.
     """
-    from drivers.runlog.files import WriterLock
+    from drivers.runlog.lock import writer_alive as _alive
 
-    try:
-        import fcntl  # POSIX only: elsewhere a run's state comes from summary.json alone
-    except ImportError:
-        return False
-    if not hasattr(fcntl, "F_OFD_GETLK"):
-        return False
-    try:
-        fd = os.open(log, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        lk = struct.pack("hh4xqqi4x", fcntl.F_RDLCK, os.SEEK_SET, WriterLock.OFFSET, 1, 0)
-        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, lk)
-        return struct.unpack("hh4xqqi4x", got)[0] != fcntl.F_UNLCK
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    return _alive(log)
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

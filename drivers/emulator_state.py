@@ -34,6 +34,7 @@ import numpy as np
 
 from sim import PCMArray
 from sim.files import npz_bytes, read_npz, write_atomic
+from sim.platform_fs import O_BINARY, pwrite, sync_folder
 
 from . import protocol as P
 from .errors import DriverError
@@ -183,7 +184,7 @@ class Ledger:
         """Open (or create) path; size: where the records end (default: the file's length)."""
         self.path = path
         new = not path.exists()
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
         self._length = os.fstat(self._fd).st_size
         self.size = self._length if size is None else size
         if new:
@@ -242,7 +243,7 @@ class Ledger:
             self._busy = False
 
     def _discard(self, at: int, length: int) -> None:
-        os.pwrite(self._fd, bytes(length), at)
+        pwrite(self._fd, bytes(length), at)
         _datasync(self._fd)
 
     def _serve(self) -> None:
@@ -264,7 +265,7 @@ class Ledger:
             self._zero_to(end + 4 + self.ZERO_AHEAD)
         view = memoryview(record)
         while view:
-            n = os.pwrite(self._fd, view, at)
+            n = pwrite(self._fd, view, at)
             view, at = view[n:], at + n
         _datasync(self._fd)
 
@@ -277,7 +278,7 @@ class Ledger:
         self._zero_to(size + self.ZERO_AHEAD)
 
     def _zero_to(self, length: int) -> None:
-        os.pwrite(self._fd, bytes(length - self._length), self._length)
+        pwrite(self._fd, bytes(length - self._length), self._length)
         os.fsync(self._fd)
         self._length = length
 
@@ -305,9 +306,4 @@ def _datasync(fd: int) -> None:
 
 
 def _fsync_folder(path: Path) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_folder(path.parent)  # POSIX only: Windows cannot open a folder (sim/platform_fs.py)

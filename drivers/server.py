@@ -19,7 +19,6 @@ import socket
 import sys
 import threading
 import time
-import tty
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from .emulator import (BYTES_PER_DEVICE, ERROR_QUEUE_LENGTH, FIRMWARE, MAX_DEVIC
 from .emulator_state import (DEFAULT_READ_VOLTAGE_V, STATE_FORMAT, STATE_VERSION, SavedState, load_state,
                              save_state)
 from .mock import MockDriver
+from .platform_pty import open_raw_pty, require_pty
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
-        """'pty', 'HOST:PORT' or 'tcp://HOST:PORT'."""
+        """'pty', 'HOST:PORT' or 'tcp://HOST:PORT'. 'pty' is refused where the system has none (Windows),
+        with a ValueError naming the TCP alternative."""
         if text == "pty":
+            require_pty()
             return cls("pty")
         t = text.removeprefix("tcp://")
         host, sep, port = t.rpartition(":")
@@ -87,10 +89,8 @@ class Server:
     def bind(self) -> str:
         """Open the listening socket or the pty; returns 'HOST:PORT' or the pty's path."""
         if self.endpoint.kind == "pty":
-            master, slave = os.openpty()
-            tty.setraw(slave)  # binary-clean, no echo, whatever the client does
+            master, slave, self.address = open_raw_pty()  # Unix only (drivers/platform_pty.py)
             self._pty = (master, slave)
-            self.address = os.ttyname(slave)
         else:
             fam = socket.AF_INET6 if ":" in self.endpoint.host else socket.AF_INET
             s = socket.socket(fam, socket.SOCK_STREAM)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .platform_fs import sync_folder
+
 _META = "meta"
 
 
@@ -36,11 +38,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    sync_folder(folder)  # POSIX only: Windows cannot open a folder (sim/platform_fs.py)
 
 
 def npz_bytes(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:

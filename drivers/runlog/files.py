@@ -1,21 +1,30 @@
 """The run log's file handling below HDF5: opening with clear errors, the superblock checks, the one-writer
 lock, clearing a dead writer's marks, reserving disk space ahead of libhdf5, and letting go of a file
-whose writes failed without libhdf5 touching it again."""
+whose writes failed without libhdf5 touching it again.
+
+The platform-specific pieces each live in a module of their own, chosen at run time: the lock in
+lock.py (filelock: flock, LockFileEx, or a marker file), the superblock rewrite in superblock.py (plain
+Python), the libhdf5 lookup in hdf5lib.py; the disk-space reserve below uses posix_fallocate where the
+system has it."""
 
 from __future__ import annotations
 
 import ctypes
 import errno as _errno
-import fcntl
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
 import h5py
 
+from .hdf5lib import hdf5_library
+from .lock import LogLock
 from .schema import RunLogError
+from .superblock import HDF5_SIGNATURE, SuperblockError, clear_status_flags, superblock
+
+__all__ = ["HDF5_SIGNATURE", "NoSpace", "SpaceReserve", "WriterLock", "check_not_truncated", "clear_writer_marks",
+           "describe_cause", "describe_open_error", "detach", "open_h5", "open_swmr_read_once", "superblock"]
 
 
 def describe_cause(exc: BaseException) -> str:
@@ -42,22 +51,6 @@ def describe_open_error(path: Path, exc: Exception) -> str:
     return f"cannot open run log {path}: {msg}"
 
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def superblock(path: Path) -> tuple[int, int, int] | None:
-    """(version, status flags, stored end-of-file address) of a v2/v3 superblock at offset 0, else None."""
-    with open(path, "rb") as fh:
-        head = fh.read(48)
-    if head[:8] != HDF5_SIGNATURE or len(head) < 12 or head[8] < 2:
-        return None
-    size_o = head[9]
-    at = 12 + 2 * size_o        # after base address and superblock-extension address
-    if len(head) < at + size_o:
-        return None
-    return head[8], head[11], int.from_bytes(head[at:at + size_o], "little")
-
-
 def check_not_truncated(path: Path) -> None:
     """Refuse a log shorter than its superblock says. A SWMR open does not check this itself, and
     would then retry unreadable metadata for a long time. Applied to live logs too: in 160,000
@@ -80,20 +73,6 @@ def open_h5(path: Path, mode: str, **kwargs: Any) -> h5py.File:
         raise RunLogError(describe_open_error(path, e)) from e
 
 
-def _hdf5_library() -> ctypes.CDLL | None:
-    """The libhdf5 this process already loaded through h5py (found in /proc/self/maps), or None."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                p = line.split()[-1] if line.strip() else ""
-                base = os.path.basename(p)
-                if base.startswith("libhdf5") and not base.startswith("libhdf5_") and ".so" in base:
-                    return ctypes.CDLL(p)
-    except OSError:
-        return None
-    return None
-
-
 def open_swmr_read_once(path: Path) -> h5py.File:
     """Open path for SWMR reading with one attempt per metadata read instead of libhdf5's many.
 
@@ -101,7 +80,7 @@ def open_swmr_read_once(path: Path) -> h5py.File:
     with growing sleeps: on a file whose metadata is gone (zeros) that takes minutes. With no writer
     alive (the writer lock held) there is nothing to wait for.
     """
-    lib = _hdf5_library()
+    lib = hdf5_library()
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
     if lib is not None:
@@ -118,53 +97,68 @@ def open_swmr_read_once(path: Path) -> h5py.File:
 def clear_writer_marks(path: Path) -> None:
     """Clear the superblock's "open for writing" flags a killed writer left (what `h5clear -s` does).
 
-    Uses the HDF5 library h5py loaded: the file-access property "clear_status_flags" that h5clear sets.
-    Call only while holding the writer lock, i.e. when no writer can be alive.
+    Rewrites the superblock's flags byte and checksum (superblock.py): no HDF5 tool, no libhdf5 internals,
+    the same bytes libhdf5's own clearing writes. Call only while holding the writer lock, i.e. when no
+    writer can be alive.
     """
-    lib = _hdf5_library()
-    if lib is None:
-        raise RunLogError(f"run log {path} was left open by a writer that died; run `h5clear -s {path}` and retry")
-    lib.H5Pset.argtypes = [ctypes.c_int64, ctypes.c_char_p, ctypes.c_void_p]
-    lib.H5Pset.restype = ctypes.c_int
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
-    flag = (ctypes.c_uint8 * 4)(1, 1, 1, 1)  # true whether hbool_t is 1 byte or 4, on any byte order
-    if lib.H5Pset(fapl.id, b"clear_status_flags", ctypes.byref(flag)) < 0:
-        raise RunLogError(f"run log {path} was left open by a writer that died; run `h5clear -s {path}` and retry")
     try:
-        h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl).close()
-    except (OSError, RuntimeError) as e:
-        raise RunLogError(describe_open_error(path, e)) from e
+        clear_status_flags(path)
+    except SuperblockError as e:
+        raise RunLogError(f"run log {path} was left open by a writer that died, and its superblock cannot be "
+                          f"cleared here ({e}); run `h5clear -s {path}` and retry") from e
+    except OSError as e:
+        raise RunLogError(f"run log {path} was left open by a writer that died, and its superblock cannot be "
+                          f"cleared: {describe_cause(e)}") from e
 
 
 class WriterLock:
-    """An exclusive open-file-description lock on a byte far past the data: one writer per log.
+    """The one writer's hold on a log: the lock file beside it (lock.py) and a descriptor on the log.
 
-    OFD locks (not flock) so readers' shared flock on the same file never conflicts, and the kernel
-    drops it when the writer dies, which is how a reopening writer knows the last one is gone. Its
-    descriptor is also the one the writer reserves disk space and trims the file through.
+    The lock is the log's lock file (``run.h5.lock``), which the system lets go of when the writer dies,
+    kill -9 included; that is how a reopening writer knows the last one is gone. The descriptor (fd) is
+    the one the writer reserves disk space and trims the file through. It is opened first, so a log this
+    user cannot write is refused as such before any lock file is made.
     """
-
-    OFFSET = 1 << 62
 
     def __init__(self, path: Path) -> None:
         try:
-            self.fd = os.open(path, os.O_RDWR)
+            self.fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
         except OSError as e:
             raise RunLogError(f"cannot open run log {path} for writing: {describe_cause(e)}") from e
-        if not hasattr(fcntl, "F_OFD_SETLK"):  # not Linux: no liveness check, HDF5's flags still guard
-            return
-        lk = struct.pack("hh4xqqi4x", fcntl.F_WRLCK, os.SEEK_SET, self.OFFSET, 1, 0)
         try:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, lk)
-        except OSError as e:
+            self._lock: LogLock | None = LogLock(path)
+        except BaseException:
             os.close(self.fd)
-            raise RunLogError(f"run log {path} is open in another writer (still running); one writer per log") from e
+            self.fd = -1
+            raise
 
-    def release(self) -> None:
+    def close_file(self) -> None:
+        """Close the descriptor on the log, keeping the lock (Windows cannot remove a file still open)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def release(self) -> None:
+        """Close the descriptor and let the next writer in (idempotent)."""
+        self.close_file()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def remove_log(self, path: Path) -> None:
+        """Remove the writer's own half-made log at path and its lock file, and release (a refused creation).
+
+        The descriptor is closed first (Windows cannot remove a file that is still open).
+        """
+        self.close_file()
+        path.unlink(missing_ok=True)
+        lock_file = self._lock.path if self._lock is not None else None
+        self.release()
+        if lock_file is not None:
+            try:
+                lock_file.unlink(missing_ok=True)   # filelock keeps it on Unix; no log is left to lock
+            except OSError:
+                pass
 
 
 class NoSpace(OSError):

@@ -143,9 +143,10 @@ class RunLogWriter:
         except BaseException as e:
             # Our own half-made file, nothing of anyone else's; libhdf5 must not write to a disk that refused.
             detach(f)
-            self.path.unlink(missing_ok=True)
             if self._lock:
-                self._lock.release()
+                self._lock.remove_log(self.path)   # its descriptor closed first: Windows cannot remove an open file
+            else:
+                self.path.unlink(missing_ok=True)
             if isinstance(e, _WRITE_ERRORS):
                 raise RunLogError(f"cannot create run log {self.path}: {describe_cause(e)}") from e
             raise
@@ -265,7 +266,9 @@ class RunLogWriter:
                 detach(f)
         if self._space is not None:
             self._space.trim()
-        if remove:
+        if remove and self._lock is not None:
+            self._lock.remove_log(self.path)
+        elif remove:
             self.path.unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.release()
