@@ -47,8 +47,8 @@ def energy_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (pcm-hil train's RUN_DIR, or its run.h5); finished, "
                                                  "stopped, killed or still running (the rows flushed so far).")],
     table: Annotated[Optional[Path], typer.Option(help="TOML file of per-operation entries replacing the shipped "
-                                                       "ones (each [name] with value, unit, source; low and high "
-                                                       "for an uncertain one); see docs/energy.md.")] = None,
+                                                       "ones (each entry a table with value, unit, source; low and "
+                                                       "high for an uncertain one); see docs/energy.md.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (readable) or json (the same, machine-readable).")] = "table",
 ) -> None:
     """Energy per training sample and per epoch of the chip and of a fully digital 32-bit implementation, the
