@@ -45,9 +45,10 @@ def characterize(driver: ArrayDriver, addresses: npt.ArrayLike, plan: Characteri
 
     out must not exist. If the fit fails, the log stays in out (fit it again with fit_log) and the
     error propagates. Over a ReplayDriver (a calibration log re-served) a replay that departs from the
-    log raises ReplayDiverged and leaves no out; the log records seed and bootstrap for such a replay. A drift experiment the driver cannot run (waiting does not move its clock:
-    runnable_plan) is skipped with a CalibrationWarning; the reason goes to the log, pcm.toml and
-    result.drift_skipped. drift_skipped: the reason, where the caller ran runnable_plan itself.
+    log raises ReplayDiverged and leaves no out; the log records seed and bootstrap for such a replay.
+    A drift experiment the driver cannot run (waiting does not move its clock: runnable_plan) is skipped
+    with a CalibrationWarning; the reason goes to the log, pcm.toml and result.drift_skipped.
+    drift_skipped: the reason, where the caller ran runnable_plan itself.
     """
     out = Path(out)
     if out.exists():
@@ -62,7 +63,8 @@ def characterize(driver: ArrayDriver, addresses: npt.ArrayLike, plan: Characteri
 
     out.mkdir(parents=True)
     log = out / LOG_FILE
-    attrs: dict[str, object] = {"run_kind": "calibration", FIT_SEED_ATTR: int(seed), FIT_BOOTSTRAP_ATTR: int(bootstrap)}
+    attrs: dict[str, object] = {"run_kind": "calibration", FIT_SEED_ATTR: int(seed),
+                                FIT_BOOTSTRAP_ATTR: int(bootstrap)}
     if drift_skipped is not None:
         attrs[DRIFT_SKIPPED_ATTR] = drift_skipped
     reporter = as_reporter(progress)

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from drivers.replay import ReplayDriver
-from drivers.runlog import SCHEMA_VERSION, RunLogError, RunLogReader, RunLogWriter, verify_log
+from drivers.runlog import SCHEMA_VERSION, OldSchemaLog, RunLogError, RunLogReader, RunLogWriter, verify_log
 from drivers.runlog.schema import READ_REASONS
 from hil.cli import app
 
@@ -99,7 +99,11 @@ def test_a_schema_2_log_reads_as_before(old_run):
         assert f.attrs["schema_version"] == 2 and h5py.check_enum_dtype(f["reads/events"].dtype["reason"]) is None
         codes = f["reads/events"]["reason"]
         table = [bytes(b).decode() for b in f["reads/reason_names"][:]]
+    before = _state(old_run)
     assert verify_log(log).endswith("verified")
+    with pytest.raises(OldSchemaLog, match="is schema version 2 .read reasons as plain codes, not an HDF5 enum"):
+        verify_log(log, for_append=True)                # what a resume asks first
+    assert _state(old_run) == before
     with RunLogReader(log) as r:
         assert r.schema_version == 2 and r.reason_names == table
         ev = r.read_events()

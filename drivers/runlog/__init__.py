@@ -15,9 +15,10 @@ h5dump reads it too. A full disk or a refused write gives one RunLogError and cl
 
 from .reader import RunLogReader, verify_log
 from .schema import (ARRAYS, CHECKSUMS, DATASETS, DEVICE_CHUNK, EVENT_CHUNK, LIBVER, NAME_BYTES, SCHEMA_NAME,
-                     SCHEMA_VERSION, SMALL_CHUNK, U16_MAX, U32_MAX, RunLogError, RunLogWarning, check_schema)
+                     SCHEMA_VERSION, SMALL_CHUNK, U16_MAX, U32_MAX, OldSchemaLog, RunLogError, RunLogWarning,
+                     check_schema)
 from .writer import RunLogWriter
 
-__all__ = ["ARRAYS", "CHECKSUMS", "DATASETS", "DEVICE_CHUNK", "EVENT_CHUNK", "LIBVER", "NAME_BYTES", "SCHEMA_NAME",
-           "SCHEMA_VERSION", "SMALL_CHUNK", "U16_MAX", "U32_MAX", "RunLogError", "RunLogReader", "RunLogWarning",
-           "RunLogWriter", "check_schema", "verify_log"]
+__all__ = ["ARRAYS", "CHECKSUMS", "DATASETS", "DEVICE_CHUNK", "EVENT_CHUNK", "LIBVER", "NAME_BYTES", "OldSchemaLog",
+           "SCHEMA_NAME", "SCHEMA_VERSION", "SMALL_CHUNK", "U16_MAX", "U32_MAX", "RunLogError", "RunLogReader",
+           "RunLogWarning", "RunLogWriter", "check_schema", "verify_log"]

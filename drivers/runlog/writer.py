@@ -46,7 +46,8 @@ def check_appendable(path: Path, version: int, attrs: Mapping[str, Any]) -> None
     if version == SCHEMA_VERSION:
         return
     lacks = OLD_VERSION_LACKS.get(version, "another layout")
-    by = ", ".join(f"{k} {attrs[k]}" for k in ("package_version", "git_commit") if attrs.get(k) not in (None, "", "unknown"))
+    by = ", ".join(f"{k} {attrs[k]}" for k in ("package_version", "git_commit")
+                   if attrs.get(k) not in (None, "", "unknown"))
     raise OldSchemaLog(f"run log {path} is schema version {version} ({lacks}{'; written by ' + by if by else ''}); "
                       f"this version appends only to schema {SCHEMA_VERSION} logs, so that run cannot be "
                       f"continued here (nothing changed): finish it with the version that started it, or start "
@@ -143,10 +144,9 @@ class RunLogWriter:
         except BaseException as e:
             # Our own half-made file, nothing of anyone else's; libhdf5 must not write to a disk that refused.
             detach(f)
+            self.path.unlink(missing_ok=True)
             if self._lock:
-                self._lock.remove_log(self.path)   # its descriptor closed first: Windows cannot remove an open file
-            else:
-                self.path.unlink(missing_ok=True)
+                self._lock.release()
             if isinstance(e, _WRITE_ERRORS):
                 raise RunLogError(f"cannot create run log {self.path}: {describe_cause(e)}") from e
             raise
@@ -266,9 +266,7 @@ class RunLogWriter:
                 detach(f)
         if self._space is not None:
             self._space.trim()
-        if remove and self._lock is not None:
-            self._lock.remove_log(self.path)
-        elif remove:
+        if remove:
             self.path.unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.release()
