@@ -31,6 +31,17 @@ class Comparison:
     rows: list[list[str]]
     #: (dotted key, one value per run as TOML would write it, MISSING where a run's config lacks the key)
     differences: list[tuple[str, list[str]]]
+    #: the table's headings: COLUMNS, the third the runs' metric ("test acc", "bits/char"; "metric" where they differ)
+    columns: tuple[str, ...] = COLUMNS
+
+    @staticmethod
+    def columns_for(runs: list[Run]) -> tuple[str, ...]:
+        """COLUMNS with the metric's heading of these runs' task."""
+        names = {r.metric["name"] for r in runs}
+        if names == {"test_accuracy"}:
+            return COLUMNS
+        heading = runs[0].metric["short"] if len(names) == 1 else "metric"
+        return (*COLUMNS[:2], heading, *COLUMNS[3:])
 
 
 def labels_for(runs: list[Run]) -> list[str]:
@@ -75,7 +86,7 @@ def _row(run: Run, label: str) -> list[str]:
     planned = run.epochs_planned
     short_state = ("finished" if run.finished else "live" if run.live else
                    "stopped" if run.summary else "killed")
-    return [label, short_state, _num(run.test_accuracy), _num(run.baseline_accuracy),
+    return [label, short_state, _num(run.final_metric), _num(run.baseline_metric),
             f"{run.epochs_done}/{planned}" if planned else str(run.epochs_done), _num(run.last_step),
             _num(run.set_pulses), _num(run.reset_pulses), _num(run.refreshes),
             f"{run.us_per_sample:,.1f}" if run.us_per_sample is not None else MISSING]
@@ -93,7 +104,7 @@ def compare_runs(paths: list[str | Path]) -> Comparison:
         runs.append(run)
     labels = labels_for(runs)
     return Comparison(runs, labels, [_row(r, lab) for r, lab in zip(runs, labels, strict=True)],
-                      config_differences(runs))
+                      config_differences(runs), Comparison.columns_for(runs))
 
 
 def write_compare_figure(c: Comparison, path: str | Path) -> Path:
@@ -108,13 +119,14 @@ def write_compare_figure(c: Comparison, path: str | Path) -> Path:
     for k, (run, label) in enumerate(zip(c.runs, c.labels, strict=True)):
         color = f"C{k % 10}"
         e = run.epochs
-        if "test_accuracy" in e and e["epoch"].size:
-            ax[0].plot(e["epoch"], e["test_accuracy"], "o-", color=color, label=f"{label}: chip")
+        name = run.metric["name"]
+        if name in e and e["epoch"].size:
+            ax[0].plot(e["epoch"], e[name], "o-", color=color, label=f"{label}: chip")
         b = run.baseline_epochs
-        if b is not None:
-            ax[0].plot(b["epoch"], b["test_accuracy"], "^:", color=color, alpha=0.7, label=f"{label}: baseline")
-        elif run.baseline_accuracy is not None:
-            ax[0].axhline(run.baseline_accuracy, color=color, ls=":", alpha=0.7, label=f"{label}: baseline (final)")
+        if b is not None and name in b:
+            ax[0].plot(b["epoch"], b[name], "^:", color=color, alpha=0.7, label=f"{label}: baseline")
+        elif run.baseline_metric is not None:
+            ax[0].axhline(run.baseline_metric, color=color, ls=":", alpha=0.7, label=f"{label}: baseline (final)")
         order = np.argsort(run.prog_step, kind="stable")
         steps = run.prog_step[order]
         ax[1].plot(steps, np.cumsum((run.prog_set + run.prog_reset)[order]), color=color,
@@ -122,7 +134,9 @@ def write_compare_figure(c: Comparison, path: str | Path) -> Path:
         o = np.argsort(run.refresh_step, kind="stable")
         ax[2].plot(np.r_[0, run.refresh_step[o]], np.r_[0, np.cumsum(run.refresh_pairs[o])], color=color,
                    drawstyle="steps-post", label=f"{label}: {run.refreshes:,}")
-    ax[0].set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy per epoch")
+    what = {r.metric["label"] for r in c.runs}  # one metric, unless runs of different tasks are compared
+    shown = what.pop() if len(what) == 1 else "metric (each run's task's)"
+    ax[0].set(xlabel="epoch", ylabel=shown, title=f"{shown[0].upper()}{shown[1:]} per epoch")
     ax[0].xaxis.get_major_locator().set_params(integer=True)
     ax[1].set(xlabel="step", ylabel="SET + RESET pulses so far", title="Cumulative pulses")
     ax[2].set(xlabel="step", ylabel="pairs refreshed so far", title="Cumulative refreshes")

@@ -86,8 +86,8 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         planned = run.epochs_planned
         rows += [("epochs", f"{run.epochs_done} of {planned}" if planned else str(run.epochs_done)),
                  ("steps", _fmt(run.last_step)),
-                 ("test accuracy (chip, last epoch)", _fmt(run.test_accuracy)),
-                 ("test accuracy (baseline)", _fmt(run.baseline_accuracy)),
+                 (f"{run.metric['label']} (chip, last epoch)", _fmt(run.final_metric)),
+                 (f"{run.metric['label']} (baseline)", _fmt(run.baseline_metric)),
                  ("programs applied", _fmt(run.prog_id.size)),
                  ("SET pulses", _fmt(run.set_pulses)), ("RESET pulses", _fmt(run.reset_pulses)),
                  ("refreshed pairs", _fmt(run.refreshes)),
@@ -150,6 +150,38 @@ def fig_accuracy(plt: Any, run: Run, path: Path, notes: list[str]) -> Figure:
     return Figure(path.name, "Accuracy per epoch",
                   "Test accuracy of the network on the chip at each epoch's end (and the running train accuracy "
                   "of that epoch), against the float64 software baseline trained on the same data in the same order.")
+
+
+def fig_metric(plt: Any, run: Run, path: Path, notes: list[str]) -> Figure:
+    """The task's metric per epoch (a task other than classify: bits per character, ...), chip and baseline."""
+    m = run.metric
+    label, name, train = m["label"], m["name"], m["train"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    e, b = run.epochs, run.baseline_epochs
+    if not e["epoch"].size and b is None:
+        _empty(ax, f"no epoch has finished yet: {label} is logged at each epoch's end")
+    else:
+        if name in e:
+            ax.plot(e["epoch"], e[name], "o-", label=f"chip: {label}")
+        if train in e:
+            ax.plot(e["epoch"], e[train], "s--", alpha=0.6, label=f"chip: {label}, training (running)")
+        if b is not None and name in b:
+            ax.plot(b["epoch"], b[name], "^-", label=f"baseline: {label} ({b['name'][0]})")
+        elif run.baseline_metric is not None:
+            ax.axhline(run.baseline_metric, color="C2", ls=":",
+                       label=f"baseline: final {label} {run.baseline_metric:.4f} (summary.json)")
+        better = "higher" if m["higher_is_better"] else "lower"
+        ax.set(xlabel="epoch", ylabel=f"{label} ({better} is better)", title=f"{label.capitalize()} per epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if b is None and run.baseline_metric is None:
+        notes.append("no baseline in this run (train with --baseline to have one)")
+    _save(plt, fig, path)
+    return Figure(path.name, f"{label.capitalize()} per epoch",
+                  f"The {label} of the network on the chip at each epoch's end on the evaluation split (and its "
+                  "running value over that epoch's training items), against the float64 software baseline trained "
+                  "on the same data in the same order.")
 
 
 def fig_pulses(plt: Any, run: Run, path: Path) -> Figure:
@@ -458,7 +490,8 @@ def write_report(run_dir: str | Path | Run, out: str | Path | None = None) -> Re
             figures = calibration_figures(plt, run, tmp, notes)
             figures.append(fig_endurance(plt, run, tmp / "endurance.png"))
         else:
-            figures = [fig_accuracy(plt, run, tmp / "accuracy.png", notes),
+            figures = [fig_accuracy(plt, run, tmp / "accuracy.png", notes) if run.metric["name"] == "test_accuracy"
+                       else fig_metric(plt, run, tmp / "metric.png", notes),
                        fig_pulses(plt, run, tmp / "pulses.png"),
                        fig_refreshes(plt, run, tmp / "refreshes.png"),
                        fig_conductance(plt, run, tmp / "conductance.png"),

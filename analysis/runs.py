@@ -18,6 +18,8 @@ import numpy.typing as npt
 
 from drivers.runlog import RunLogError, RunLogReader
 
+from .taskmetric import CLASSIFY, task_metric
+
 #: The files of a run folder (hil/run.py and calibration/run.py write them).
 TRAIN_LOG = "run.h5"
 CALIBRATION_LOG = "calibration.h5"
@@ -157,6 +159,7 @@ class Run:
     last_step: int
     notes: list[str] = field(default_factory=list)
     calibration: Any = None  # calibration.data.CalibrationData for a calibration log that loads
+    metric: dict[str, Any] = field(default_factory=lambda: dict(CLASSIFY))  # its task's metric (taskmetric.py)
 
     @property
     def name(self) -> str:
@@ -215,6 +218,30 @@ class Run:
         return None
 
     @property
+    def final_metric(self) -> float | None:
+        """The chip's value of the task's metric (test accuracy, bits per character...) at the last epoch."""
+        name = self.metric["name"]
+        if name == "test_accuracy":
+            return self.test_accuracy
+        v = self.epochs.get(name)
+        if v is not None and v.size and np.isfinite(v[-1]):
+            return float(v[-1])
+        s = (self.summary or {}).get(name)
+        return float(s) if isinstance(s, (int, float)) and not self.live else None
+
+    @property
+    def baseline_metric(self) -> float | None:
+        """The software baseline's final value of the task's metric."""
+        name = self.metric["name"]
+        if name == "test_accuracy":
+            return self.baseline_accuracy
+        v = (self.summary or {}).get(f"baseline_{name}")
+        if isinstance(v, (int, float)):
+            return float(v)
+        b = self.baseline_epochs
+        return float(b[name][-1]) if b is not None and name in b and b[name].size else None
+
+    @property
     def set_pulses(self) -> int:
         return int(self.prog_set.sum())
 
@@ -240,7 +267,7 @@ def _config(run_dir: Path, attrs: dict[str, Any], notes: list[str]) -> dict[str,
     text = None
     if (run_dir / CONFIG_FILE).is_file():
         try:
-            text = (run_dir / CONFIG_FILE).read_text()
+            text = (run_dir / CONFIG_FILE).read_text(encoding="utf-8")
         except OSError as e:
             notes.append(f"{CONFIG_FILE} is unreadable ({e.strerror}); the log's copy is used")
     if text is None and "config_toml" in attrs:
@@ -259,14 +286,14 @@ def _summary(run_dir: Path, notes: list[str]) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     try:
-        s = json.loads(p.read_text())
+        s = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         notes.append(f"{SUMMARY_FILE} is unreadable ({e}); the log alone is used")
         return None
     return s if isinstance(s, dict) else None
 
 
-def _epochs(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _epochs(m: dict[str, np.ndarray], metric: dict[str, Any] = CLASSIFY) -> dict[str, np.ndarray]:
     """One entry per epoch (the last logged, should an epoch be logged twice) with its metrics."""
     if "epoch" not in m:
         return {"epoch": np.zeros(0), "step": np.zeros(0)}
@@ -276,19 +303,19 @@ def _epochs(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     _, last = np.unique(ep[::-1], return_index=True)
     rows = sel[::-1][last]
     out = {"epoch": m["epoch"][rows], "step": m["step"][rows].astype(np.float64)}
-    for name in ("test_accuracy", "train_accuracy", "refreshes", "set_pulses", "reset_pulses", "programs_applied"):
+    for name in (metric["name"], metric["train"], "refreshes", "set_pulses", "reset_pulses", "programs_applied"):
         if name in m:
             out[name] = m[name][rows]
     return out
 
 
-def baseline_metric_names(names: list[str]) -> list[str]:
-    """Metric names that hold the software baseline's per-epoch test accuracy (e.g. baseline_test_accuracy)."""
-    return [n for n in names if "baseline" in n and "test_accuracy" in n]
+def baseline_metric_names(names: list[str], metric: str = "test_accuracy") -> list[str]:
+    """Metric names that hold the software baseline's per-epoch metric (e.g. baseline_test_accuracy)."""
+    return [n for n in names if "baseline" in n and metric in n]
 
 
-def _baseline_epochs(m: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    names = baseline_metric_names(list(m))
+def _baseline_epochs(m: dict[str, np.ndarray], metric: str = "test_accuracy") -> dict[str, np.ndarray] | None:
+    names = baseline_metric_names(list(m), metric)
     if not names:
         return None
     acc = m[names[0]]
@@ -302,7 +329,7 @@ def _baseline_epochs(m: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     _, last = np.unique(ep[::-1], return_index=True)
     rows = sel[::-1][last]
     ep = ep[::-1][last]
-    return {"epoch": ep, "test_accuracy": acc[rows], "name": np.array([names[0]])}
+    return {"epoch": ep, metric: acc[rows], "name": np.array([names[0]])}
 
 
 def _n_devices(attrs: dict[str, Any], arrays: list[np.ndarray]) -> tuple[int, tuple[int, int] | None]:
@@ -389,6 +416,7 @@ def _load(r: RunLogReader, run_dir: Path, log: Path, live: bool, notes: list[str
     summary = _summary(run_dir, notes) if kind == "train" else None
     config = _config(run_dir, attrs, notes) if kind == "train" else {}
     m = r.metrics()
+    metric = task_metric(attrs)
     ev = r.read_events()
     pev = r.program_events()
     unapplied = {int(x) for x in (summary or {}).get("unapplied_program_ids") or []}
@@ -435,8 +463,8 @@ def _load(r: RunLogReader, run_dir: Path, log: Path, live: bool, notes: list[str
                      "the figures use the log")
 
     run = Run(path=run_dir, log=log, kind=kind, attrs=attrs, config=config, summary=summary, live=live,
-              counts=r.counts, torn_tail=r.torn_tail, n_devices=n, geometry=geometry, epochs=_epochs(m),
-              baseline_epochs=_baseline_epochs(m),
+              counts=r.counts, torn_tail=r.torn_tail, n_devices=n, geometry=geometry, epochs=_epochs(m, metric),
+              baseline_epochs=_baseline_epochs(m, metric["name"]), metric=metric,
               refresh_step=(m["step"][np.isfinite(m["refreshed_pairs"])].astype(np.int64)
                             if "refreshed_pairs" in m else np.zeros(0, np.int64)),
               refresh_pairs=(m["refreshed_pairs"][np.isfinite(m["refreshed_pairs"])]

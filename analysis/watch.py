@@ -13,10 +13,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .runs import SUMMARY_FILE, find_log, open_log, writer_alive
+from .taskmetric import CLASSIFY, task_metric
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Snapshot:
     programs: int = 0
     refreshed_pairs: int = 0
     link: dict[str, int] = field(default_factory=dict)
+    metric: dict[str, Any] = field(default_factory=lambda: dict(CLASSIFY))  # the task's (analysis/taskmetric.py)
     samples_per_s: float = math.nan
     pulses_per_s: float = math.nan
     wall_s: float = 0.0
@@ -53,6 +56,7 @@ class Watcher:
     def __init__(self, path: str | Path) -> None:
         self.run_dir, self.log = find_log(path)
         self.reader = open_log(self.log)
+        self.metric = task_metric(dict(self.reader.attrs))  # the log's attributes are written when it is made
         self._prev: Snapshot | None = None
         self._set = self._reset = self._devices_seen = 0
 
@@ -77,15 +81,16 @@ class Watcher:
         steps = [int(ev["step"][-1])] if len(ev["step"]) else []
         steps += [int(rev["step"][-1])] if len(rev["step"]) else []
         epochs = []
+        metric = self.metric
         if "epoch" in m:
             base = {}
             if "baseline_epoch" in m:
-                for e, a in zip(m["baseline_epoch"], m.get("baseline_test_accuracy", []), strict=False):
+                for e, a in zip(m["baseline_epoch"], m.get(f"baseline_{metric['name']}", []), strict=False):
                     if np.isfinite(e):
                         base[int(e)] = float(a)
             for i in np.flatnonzero(np.isfinite(m["epoch"])):
                 e = int(m["epoch"][i])
-                epochs.append((e, float(m["test_accuracy"][i]), float(m["train_accuracy"][i]), base.get(e)))
+                epochs.append((e, float(m[metric["name"]][i]), float(m[metric["train"]][i]), base.get(e)))
         summary_done = (self.run_dir / SUMMARY_FILE).is_file()
         state = "being written" if writer_alive(self.log) else ("finished" if summary_done else "stopped")
         refreshed = m.get("refreshed_pairs")
@@ -93,7 +98,7 @@ class Watcher:
             state=state, step=max(steps, default=0),
             samples_trained=None if _last(m, "samples_trained") is None else int(_last(m, "samples_trained") or 0),
             running_epoch=None if _last(m, "running_epoch") is None else int(_last(m, "running_epoch") or 0),
-            running_accuracy=_last(m, "running_accuracy"), epochs=epochs, set_pulses=self._set,
+            running_accuracy=_last(m, metric["running"]), epochs=epochs, set_pulses=self._set, metric=metric,
             reset_pulses=self._reset, programs=len(ev["start"]),
             refreshed_pairs=int(np.nansum(refreshed)) if refreshed is not None else 0,
             link={k[5:]: int(v) for k in m if k.startswith("link_") and (v := _last(m, k)) is not None},
@@ -114,11 +119,11 @@ def rows(s: Snapshot) -> list[tuple[str, str]]:
         return "-" if not math.isfinite(x) else f"{x:,.0f}"
 
     out = [("state", s.state), ("step", f"{s.step:,}"), ("samples/s", rate(s.samples_per_s)),
-           ("running accuracy", "-" if s.running_accuracy is None else
+           (s.metric["running_title"], "-" if s.running_accuracy is None else
             f"{s.running_accuracy:.4f} (epoch {s.running_epoch})")]
     for e, test, train, base in s.epochs:
         b = "" if base is None else f", baseline {base:.4f}"
-        out.append((f"epoch {e}", f"test {test:.4f}, train {train:.4f}{b}"))
+        out.append((f"epoch {e}", f"{s.metric['short']} {test:.4f}, train {train:.4f}{b}"))
     out += [("programs", f"{s.programs:,}"), ("SET pulses", f"{s.set_pulses:,}"),
             ("RESET pulses", f"{s.reset_pulses:,}"), ("pulses/s", rate(s.pulses_per_s)),
             ("refreshed pairs", f"{s.refreshed_pairs:,}")]

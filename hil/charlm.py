@@ -48,8 +48,8 @@ def charlm_module(cfg: RunConfig, n_chars: int) -> CharLM:
 
 
 class CharLMTask(Task):
-    """Next-character prediction: cross-entropy over every character of the window (mean over batch and time);
-    the running statistic and the metric in bits per character."""
+    """Next-character prediction: the cross-entropy summed over the window's characters, mean over the batch; the
+    running statistic and the metric in bits per character."""
 
     name = "text"
     metric = "bits_per_char"
@@ -58,13 +58,17 @@ class CharLMTask(Task):
     train_metric = "train_bits_per_char"
     running_metric = "running_bits_per_char"
     running_label = "running bits/char"
+    running_title = "running bits per character"
+    short = "bits/char"
 
     def step(self, trainer: Trainer, idx: np.ndarray, step: int) -> TaskStep:
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         assert trainer.model is not None
         logits = trainer.model(torch.from_numpy(x))
         nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1), reduction="sum")
-        (nats / y.size).backward()
+        # a window's loss is the sum over its characters (truncated BPTT's loss of the sequence), mean over the
+        # batch: the learning rate then stays in the range of the other networks' (x bptt the per-character one)
+        (nats / len(idx)).backward()
         # stat: the batch's summed cross-entropy in nats (running() divides by the characters it covers)
         return TaskStep([layer.take_factors() for layer in trainer.net.layers], float(nats.detach()))
 

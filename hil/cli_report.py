@@ -62,7 +62,6 @@ def compare_cmd(
 ) -> None:
     """One table and overlaid curves for runs that differ in config, chip or seed, with their config differences."""
     from analysis import AnalysisError, compare_runs, write_compare_figure
-    from analysis.compare import COLUMNS
 
     try:
         c = compare_runs(list(runs))
@@ -70,7 +69,7 @@ def compare_cmd(
     except AnalysisError as e:
         raise _fail(str(e), e.exit_code) from None
     table = Table(title=f"pcm-hil compare: {len(c.runs)} runs")
-    for i, col in enumerate(COLUMNS):
+    for i, col in enumerate(c.columns):
         table.add_column(col, justify="left" if i < 2 else "right")
     for row in c.rows:
         table.add_row(*(escape(x) for x in row))

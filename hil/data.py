@@ -462,9 +462,10 @@ def load_text(path: str | Path | None = None, bptt: int = 32) -> Dataset:
         raise DataError(f"{where} has {len(text):,} characters; with network.lstm.bptt = {bptt} it needs at least "
                         f"{need:,} (one window of {bptt + 1} characters in its last {TEXT_VALID_FRACTION:.0%}, the "
                         "validation split)")
-    alphabet = "".join(sorted(set(text)))
-    lookup = {c: i for i, c in enumerate(alphabet)}
-    codes = np.fromiter((lookup[c] for c in text), np.int64, len(text))
+    points = np.frombuffer(text.encode("utf-32-le"), np.uint32)  # one code point per character
+    alphabet_points = np.unique(points)  # sorted by code point, as sorted(set(text)) is
+    alphabet = "".join(map(chr, alphabet_points.tolist()))
+    codes = np.searchsorted(alphabet_points, points).astype(np.int64)
     x_train, y_train = text_windows(codes[:len(text) - n_valid], bptt)
     x_test, y_test = text_windows(codes[len(text) - n_valid:], bptt)
     return Dataset("text", x_train, y_train, x_test, y_test, len(alphabet), alphabet=alphabet)

@@ -151,6 +151,16 @@ def roll_forward(trainer: Trainer, journal: Path | JournalRecords, reapply: bool
     aw = trainer.array
     assert aw is not None
     records = read_journal(journal) if isinstance(journal, Path) else journal
+    if trainer.task.name != "classify":
+        # the recomputed steps with the threads the live ones had (classify's roll-forward stays as it was)
+        with trainer.compute_threads():
+            return _roll(trainer, records, reapply, last_applied)
+    return _roll(trainer, records, reapply, last_applied)
+
+
+def _roll(trainer: Trainer, records: JournalRecords, reapply: bool, last_applied: int | None) -> RollForward:
+    aw = trainer.array
+    assert aw is not None
     if not reapply and last_applied is None:
         last_applied = aw.driver.last_program_id()
     applied: list[tuple[int, PulseProgram]] = []

@@ -73,7 +73,7 @@ def probe_response(s: Session, cfg: RunConfig) -> None:
 
 def git_commit() -> str:
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, encoding="utf-8", timeout=5,
                            cwd=Path(__file__).resolve().parent)
         return r.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -149,6 +149,7 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
                       model.mean_response_us, cfg.read_policy, cfg.refresh, first_program_id=first_program_id,
                       response_law=model.law)
     trainer = Trainer(cfg, data, array=aw, journal_dir=run_dir, logger=None, network=net)
+    attrs["task_metric_json"] = json.dumps(trainer.task.describe())  # what pcm-hil report / compare / watch show
     trainer.journal_fsync = journal_fsync(cfg)
     s = Session(trainer, inner, inner, None, cfg, attrs)
     if log and run_dir is not None:
@@ -436,10 +437,11 @@ def _resume_driver(cfg: RunConfig, driver: str) -> RunConfig:
 
 
 def _verify_log(path: Path) -> None:
-    """The run log's checksummed rows must verify before a resume appends to it (drivers.runlog)."""
+    """The run log must be of the schema version this code appends to, and its checksummed rows must verify,
+    before a resume appends to it (drivers.runlog)."""
     from drivers.runlog import verify_log
 
-    verify_log(path)
+    verify_log(path, for_append=True)
 
 
 def _relog_missing(s: Session, t: Trainer, rf: Any) -> None:

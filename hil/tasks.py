@@ -53,7 +53,8 @@ class Task:
     metric: the per-epoch metric's key in the metrics rows and the summary ("test_accuracy", "bits_per_char");
     label: the same for people ("test accuracy"); higher_is_better: its direction. train_metric: the running
     statistic's key at an epoch's end ("train_accuracy"); running_metric: its key in the run log's running
-    metrics (every RUNNING_METRICS_EVERY steps); running_label: for the progress bar ("running acc").
+    metrics (every RUNNING_METRICS_EVERY steps); running_label: for the progress bar ("running acc");
+    running_title: for pcm-hil watch ("running accuracy"); short: the metric in a table cell ("test").
     """
 
     name = "task"
@@ -63,6 +64,8 @@ class Task:
     train_metric = "train_metric"
     running_metric = "running_metric"
     running_label = "running"
+    running_title = "running statistic"
+    short = "metric"
 
     def __init__(self, cfg: RunConfig, data: Dataset, net: Network) -> None:
         self.cfg, self.data, self.net = cfg, data, net
@@ -87,9 +90,11 @@ class Task:
         """Further metrics of an epoch's end, logged in its row (called right after evaluate)."""
         return {}
 
-    def describe_value(self, value: float | None) -> str:
-        """The metric's value as the CLI prints it."""
-        return "-" if value is None else f"{value:.4f}"
+    def describe(self) -> dict[str, Any]:
+        """The metric's names for readers of the run log (attribute task_metric_json; analysis/taskmetric.py)."""
+        return {"task": self.name, "name": self.metric, "label": self.label, "higher_is_better": self.higher_is_better,
+                "train": self.train_metric, "running": self.running_metric, "running_title": self.running_title,
+                "short": self.short}
 
 
 class ClassifyTask(Task):
@@ -102,6 +107,8 @@ class ClassifyTask(Task):
     train_metric = "train_accuracy"
     running_metric = "running_accuracy"
     running_label = "running acc"
+    running_title = "running accuracy"
+    short = "test"
 
     def step(self, trainer: Trainer, idx: np.ndarray, step: int) -> TaskStep:
         x, y = self.data.x_train[idx], self.data.y_train[idx]

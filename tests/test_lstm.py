@@ -18,6 +18,9 @@ import pytest
 import torch
 from torch import nn
 
+from analysis import compare_runs, load_run, write_report
+from analysis.watch import Watcher
+from analysis.watch import rows as watch_rows
 from drivers.runlog import RunLogReader
 from hil.analog import AnalogLSTM, ConvertError, HostWeights, analog_layers, convert
 from hil.config import ConfigError, RunConfig, load_config
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {"seed": 3, "network.kind": "lstm", "data.name": "text", "network.lstm.embedding": 8,
         "network.lstm.hidden": 16, "network.lstm.bptt": 16, "data.train_limit": 400, "data.test_limit": 60,
-        "update.batch_size": 8, "update.lr": 0.5, "update.lr_decay": 1.0, "mapping.w_max": [1.0, 1.0]}
+        "update.batch_size": 8, "update.lr": 0.1, "update.lr_decay": 1.0, "mapping.w_max": [1.0, 1.0]}
 
 # A mock chip without noise or drift (its device-to-device spread stays): what it does depends on the pulses alone,
 # so a resumed run must end exactly where an uninterrupted one does.
@@ -158,6 +161,21 @@ def test_tiny_lstm_learns_on_the_mock_chip(tmp_path: Path) -> None:
     assert m["bits_per_char"][rows][-1] == s["bits_per_char"] and (m["train_bits_per_char"][rows] < start).all()
     base = ~np.isnan(m["baseline_epoch"])
     assert m["baseline_bits_per_char"][base][-1] == s["baseline_bits_per_char"]
+    # pcm-hil report / compare / watch show the task's metric
+    run = load_run(tmp_path / "run")
+    assert run.metric["name"] == "bits_per_char" and not run.metric["higher_is_better"]
+    assert run.final_metric == s["bits_per_char"] and run.baseline_metric == s["baseline_bits_per_char"]
+    rep = write_report(tmp_path / "run", tmp_path / "report")
+    assert "metric.png" in [f.file for f in rep.figures]
+    assert ("bits per character (chip, last epoch)", f"{s['bits_per_char']:.4f}") in rep.summary
+    assert compare_runs([tmp_path / "run", tmp_path / "run"]).columns[2] == "bits/char"
+    w = Watcher(tmp_path / "run")
+    try:
+        lines = dict(watch_rows(w.tick()))
+    finally:
+        w.close()
+    assert lines["epoch 3"].startswith(f"bits/char {s['bits_per_char']:.4f}, train ")
+    assert "running bits per character" in lines
 
 
 def _train(args: list[str]) -> subprocess.Popen:
