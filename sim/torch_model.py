@@ -17,6 +17,7 @@ Imported only where driver.device is set (drivers/mock.py imports it lazily): th
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -193,8 +194,8 @@ class TorchPCMArray:
             raise ValueError(f"g_us must lie within [{p.g_min_us}, {p.g_max_us}] uS")
         self._advance(t)
         idx = self._index(addr)
-        self._g.index_copy_(0, idx, torch.tensor(g, dtype=self.dtype, device=self.device))
-        self._pulses.index_copy_(0, idx, torch.tensor(n.astype(np.int32), device=self.device))
+        self._g.index_copy_(0, idx, _tensor(g, np.float32 if self.dtype == torch.float32 else np.float64, self.device))
+        self._pulses.index_copy_(0, idx, _tensor(n, np.int32, self.device))
         self._t_prog.index_fill_(0, idx, float(t))
 
     # ------------------------------------------------------------------ reading
@@ -340,8 +341,7 @@ class TorchPCMArray:
         return PCMArray._addresses(self, addresses)  # type: ignore[arg-type]
 
     def _index(self, addr: np.ndarray) -> torch.Tensor:
-        # A copy: the caller's arrays may be read-only (a PulseProgram's are), which torch.from_numpy warns about.
-        return torch.tensor(np.asarray(addr, np.int64), device=self.device)
+        return _tensor(addr, np.int64, self.device)
 
     def _advance(self, t: float) -> None:
         PCMArray._advance(self, t)  # type: ignore[arg-type]
@@ -384,23 +384,27 @@ class TorchPCMArray:
         p = self.params
         idx = self._index(addr)
         g = self._drifted(idx, t)
-        hist = self._pulses.index_select(0, idx).to(self.dtype)
         f = self._d2d.index_select(0, idx)
-        base = f * p.set_mean_offset_us  # the per-device constant part of the mean, f * c1, once
-        decay = -1.0 / p.history_pulses
-        n = addr.size
-        pk_buf, sigma_buf, mean_buf = torch.empty((3, n), dtype=self.dtype, device=self.device)
+        # The law folded into per-device factors once per call, so a pass is 10 elementwise operations (kernel
+        # launches on a GPU): G' = G (1 + f m1) + f c1 + f A1 P + sigma z, sigma = m2 G + c2 + A2 P, where
+        # P = exp(-n/a) for pulse number n = hist + k steps by the factor exp(-1/a) from pass to pass.
+        keep = f.mul(p.set_mean_slope).add_(1.0)
+        base = f.mul(p.set_mean_offset_us)
+        f_a1 = f.mul_(p.set_mean_history_us)
+        pk = self._pulses.index_select(0, idx).to(self.dtype).add_(1.0).mul_(-1.0 / p.history_pulses).exp_()
+        step = math.exp(-1.0 / p.history_pulses)
+        z = self._randn(sum(active))  # every pass's draws in one call: pass k's follow pass k-1's
+        sigma_buf = torch.empty(addr.size, dtype=self.dtype, device=self.device)
+        off = 0
         for m in active:
-            gk, hk, pk, sigma, mean = g[:m], hist[:m], pk_buf[:m], sigma_buf[:m], mean_buf[:m]
-            hk += 1.0  # the pulse about to be applied is pulse number hist+1 since RESET
-            torch.mul(hk, decay, out=pk).exp_()  # P = exp(-n/a)
-            torch.mul(gk, p.set_std_slope, out=sigma).add_(p.set_std_offset_us).add_(pk, alpha=p.set_std_history_us)
-            sigma.mul_(self._randn(m))
-            torch.mul(gk, p.set_mean_slope, out=mean).add_(pk, alpha=p.set_mean_history_us)
-            mean.mul_(f[:m]).add_(base[:m])
-            gk.add_(mean).add_(sigma).clamp_(p.g_min_us, p.g_max_us)
+            gk, pm, sigma = g[:m], pk[:m], sigma_buf[:m]
+            torch.mul(gk, p.set_std_slope, out=sigma).add_(pm, alpha=p.set_std_history_us).add_(p.set_std_offset_us)
+            sigma.mul_(z[off:off + m])
+            off += m
+            gk.mul_(keep[:m]).add_(base[:m]).addcmul_(f_a1[:m], pm).add_(sigma).clamp_(p.g_min_us, p.g_max_us)
+            pm.mul_(step)
         self._g.index_copy_(0, idx, g)
-        self._pulses.index_add_(0, idx, torch.tensor(cnt.astype(np.int32), device=self.device))  # unique: exact
+        self._pulses.index_add_(0, idx, _tensor(cnt, np.int32, self.device))  # unique: exact
         self._t_prog.index_fill_(0, idx, float(t))
 
     def _drifted(self, idx: torch.Tensor | slice | None, t: float) -> torch.Tensor:
@@ -421,6 +425,12 @@ class TorchPCMArray:
         p = self.params
         sigma = torch.mul(g, p.read_noise_rel).add_(p.read_noise_abs_us)
         g.add_(sigma.mul_(self._randn(g.numel()))).clamp_(p.g_min_us, p.g_max_us)
+
+
+def _tensor(a: npt.ArrayLike, dtype: type, device: torch.device) -> torch.Tensor:
+    """A tensor on device holding a copy of a (the caller's array may be read-only, as a PulseProgram's are, and
+    torch.from_numpy warns about those)."""
+    return torch.from_numpy(np.array(a, dtype, copy=True)).to(device)
 
 
 def _to_numpy(x: torch.Tensor) -> npt.NDArray[np.float32]:
