@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import cli_calibration, cli_emulator, cli_energy, cli_replay, cli_report, cli_train
+from . import cli_calibration, cli_emulator, cli_energy, cli_replay, cli_report, cli_sweep, cli_train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train neural networks on phase-change-memory chips.")
 console = Console()
@@ -63,7 +63,7 @@ def pulse_response_cmd(
 
 
 # Each family of sub-commands lives in its own module with register(app); add new ones here.
-for _module in (cli_emulator, cli_train, cli_calibration, cli_report, cli_replay, cli_energy):
+for _module in (cli_emulator, cli_train, cli_calibration, cli_report, cli_replay, cli_energy, cli_sweep):
     _module.register(app)
 
 
