@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -272,7 +273,16 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 def _resume_command(run_dir: Path, driver: str | None) -> str:
     extra = f" --driver {driver}" if driver is not None and driver != "mock" else ""
-    return f"pcm-hil train --resume {shlex.quote(str(run_dir))}{extra}"
+    return f"pcm-hil train --resume {_shell_quote(str(run_dir))}{extra}"
+
+
+def _shell_quote(arg: str) -> str:
+    """arg as the user's shell takes it: POSIX sh quoting, or on Windows (cmd, PowerShell) double quotes."""
+    if sys.platform == "win32":
+        import subprocess
+
+        return subprocess.list2cmdline([arg])
+    return shlex.quote(arg)
 
 
 def _fail(message: str, run_dir: Path | None, driver: str | None) -> None:

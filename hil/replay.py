@@ -101,7 +101,7 @@ def _refuse_unreplayable(run_dir: Path, out_dir: Path) -> tuple[RunConfig, dict[
     if not (run_dir / LOG_FILE).is_file():
         raise ReplayRefused(f"{run_dir} has no run log ({LOG_FILE}; logging.enabled = false?): nothing to replay")
     try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ReplayRefused(f"{run_dir} has no {SUMMARY_FILE}: the run was killed or is still running; replay a "
                             "finished or stopped run (resume a killed one first)") from None
@@ -200,7 +200,7 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overrides: dict[str,
     if stop is not None and getattr(stop, "signal", 0):
         return _result(run_dir, out_dir, new_summary, seen["epochs"], compared=None)
     compared = _compare_logs(run_dir / LOG_FILE, out_dir / LOG_FILE, out_dir)
-    _compare_summaries(summary, json.loads((out_dir / SUMMARY_FILE).read_text()), out_dir)
+    _compare_summaries(summary, json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8")), out_dir)
     return _result(run_dir, out_dir, new_summary, seen["epochs"], compared)
 
 

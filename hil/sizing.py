@@ -25,7 +25,7 @@ MAX_DEVICES = 2**32
 def available_memory_bytes() -> int | None:
     """Memory this process could still allocate, bytes (None where the platform does not say)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

@@ -6,7 +6,9 @@ the other system, before any of our code is imported:
 - "windows": importing fcntl, termios, tty or pty fails (an import hook on sys.meta_path), os has no openpty,
   ttyname, pwrite, pread, fork, posix_fallocate or fdatasync, os.open refuses folders (as Windows does), and
   /proc does not exist (open, os.open, os.stat, os.listdir, ... raise FileNotFoundError under it);
-- "macos": fcntl without F_OFD_SETLK / F_OFD_GETLK, no posix_fallocate or fdatasync, no /proc.
+- "macos": fcntl without F_OFD_SETLK / F_OFD_GETLK, no posix_fallocate or fdatasync, no /proc;
+- both: a text file opened by our code without naming its encoding is an error (on Windows the default is
+  the ANSI code page, so a UTF-8 config or summary with non-ASCII text would be misread).
 
 The commands: `pcm-hil train` on digits with its run log, kill -9 and `--resume`, `pcm-hil report`, the
 emulator over TCP (with --state) and a train against it, `pcm-hil replay` of that run; all in folders whose
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-SITECUSTOMIZE = textwrap.dedent('''
+SITECUSTOMIZE = textwrap.dedent(r'''
     """Makes this Linux interpreter look like Windows or macOS to pcm-hil (tests/test_platforms.py)."""
     import builtins
     import io
@@ -35,6 +37,13 @@ SITECUSTOMIZE = textwrap.dedent('''
     import sys
 
     MODE = os.environ.get("PCM_HIL_AS_PLATFORM", "")
+
+    if MODE:
+        import warnings
+        # Windows' default text encoding is the ANSI code page, not UTF-8: our code must name its encoding
+        # (PYTHONWARNDEFAULTENCODING=1 makes Python warn at every open() or read_text() without one).
+        warnings.filterwarnings("error", category=EncodingWarning,
+                                module=r"(hil|drivers|sim|calibration|analysis)(\.|$)")
 
     def _under_proc(p):
         try:
@@ -110,6 +119,7 @@ CHECK_SIMULATION = textwrap.dedent('''
     else:
         import fcntl
         assert hasattr(fcntl, "flock") and not hasattr(fcntl, "F_OFD_SETLK") and not hasattr(fcntl, "F_OFD_GETLK")
+    assert sys.flags.warn_default_encoding
     print("simulated", mode)
 ''')
 
@@ -162,7 +172,8 @@ def sim(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PCM_HIL_AS_PLATFORM=request.param, COLUMNS="120", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+               PCM_HIL_AS_PLATFORM=request.param, COLUMNS="120", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8",
+               PYTHONWARNDEFAULTENCODING="1")
     out = subprocess.run([sys.executable, "-c", CHECK_SIMULATION], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "simulated" in out.stdout, out.stdout + out.stderr
     return env
@@ -194,7 +205,7 @@ name = "digits"
 train_limit = 900
 test_limit = 200
 [update]
-epochs = 2
+epochs = 3
 lr = 0.1
 [refresh]
 check_every_steps = 25
@@ -235,7 +246,6 @@ def _kill_after_checkpoint(proc: subprocess.Popen[str], run: Path) -> None:
     deadline = time.monotonic() + 180
     while not (run / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.3)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.kill()
     proc.wait()
@@ -269,7 +279,7 @@ def test_main_commands_without_unix_pieces(tmp_path: Path, sim: dict[str, str]) 
     _kill_after_checkpoint(train, run)
     _ok(_pcm(sim, cwd, "train", "--resume", str(run)))
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    assert summary["finished"] and summary["samples_trained"] == 2 * 900
+    assert summary["finished"] and summary["samples_trained"] == 3 * 900
     with_resume = _ok(_pcm(sim, cwd, "report", str(run)))
     assert "finished" in with_resume and (run / "report" / "report.html").is_file()
 
