@@ -1,10 +1,10 @@
 """The emulated tester: the wire protocol served in front of any ArrayDriver (MockDriver by default).
 
-`serve(driver, endpoint)` listens on TCP (loopback unless told otherwise) or on a pseudo-terminal,
-one client at a time (later clients wait in the listen queue, so a reconnecting client always sees
-the effect of everything the previous connection sent). So that no client can hold it forever, a
-connection idle for `idle_timeout_s` is closed, and a message not complete within
-`message_deadline_s` of its first byte is abandoned (error -100) and its connection closed.
+`serve(driver, endpoint)` listens on TCP (loopback unless told otherwise) or on a pseudo-terminal
+(Unix only: drivers/platform_pty.py), one client at a time (later clients wait in the listen queue, so
+a reconnecting client always sees the effect of everything the previous connection sent). So that no
+client can hold it forever, a connection idle for `idle_timeout_s` is closed, and a message not complete
+within `message_deadline_s` of its first byte is abandoned (error -100) and its connection closed.
 
 The tester's logic is `Emulator` (drivers/emulator.py, no IO); its state file is drivers/emulator_state.py.
 Both are re-exported here, so `from drivers.server import Emulator, FaultPlan, load_state` keeps working.
@@ -94,7 +94,12 @@ class Server:
         else:
             fam = socket.AF_INET6 if ":" in self.endpoint.host else socket.AF_INET
             s = socket.socket(fam, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+                # Windows: SO_REUSEADDR there would let a second emulator bind the same port and steal clients;
+                # this refuses it, as a second bind fails on Linux and macOS.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+            else:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
             s.bind((self.endpoint.host, self.endpoint.port))
             s.listen(16)
             self._listener = s
