@@ -266,6 +266,13 @@ def test_mock_driver_on_torch_cpu_and_its_state(tmp_path: Path) -> None:
     back = MockDriver.from_state(tmp_path / "chip.npz", 8, 10, seed=4)
     assert back.identity == d.identity and back.chip.state_equal(d.chip)
     assert np.array_equal(back.chip.pulses_since_reset(addr), np.full(addr.size, 2, np.uint32))
+    PCMArray(80, seed=4).save(tmp_path / "numpy.npz")  # a numpy chip's state still loads as the numpy model
+    assert isinstance(MockDriver.from_state(tmp_path / "numpy.npz", 8, 10).chip, PCMArray)
+    from drivers import Block
+
+    analog = MockDriver(4, 4, seed=3, analog_mvm=True, device="cpu")  # the analog product reads the torch chip
+    y = analog.mvm(Block(0, 4, 0, 4), np.ones((2, 4)))
+    assert y.shape == (2, 4) and np.all(y > 0)
 
 
 def test_config_digest_unchanged_while_device_is_unset() -> None:
