@@ -17,13 +17,14 @@ command runs), drop (close the connection instead of replying, after the command
 from __future__ import annotations
 
 import enum
-import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from sim.platform_memory import physical_memory_bytes  # re-exported: drivers.server
 
 from . import protocol as P
 from .base import ArrayDriver
@@ -61,14 +62,6 @@ def check_size(rows: int, cols: int, memory_bytes: int | None = None) -> None:
     if memory_bytes is not None and need > memory_bytes:
         raise ValueError(f"a {rows} x {cols} array ({n:,} devices) needs about {need / 1e9:,.1f} GB of memory "
                          f"({BYTES_PER_DEVICE} bytes per device); this machine has {memory_bytes / 1e9:,.1f} GB")
-
-
-def physical_memory_bytes() -> int | None:
-    """This machine's physical memory in bytes, or None where the system does not say."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 class Fault(enum.Enum):

@@ -6,8 +6,7 @@ not a MemoryError traceback after the run folder exists.
 
 from __future__ import annotations
 
-import os
-import sys
+from sim.platform_memory import available_memory_bytes
 
 from .config import ConfigError
 
@@ -20,40 +19,6 @@ MOCK_BYTES_PER_DEVICE = 24 + 8
 BYTES_PER_WEIGHT = 8 * 8
 #: Addresses travel and are logged as uint32.
 MAX_DEVICES = 2**32
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this process could still allocate, bytes (None where the platform does not say)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if sys.platform == "win32":
-        return _windows_available()
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _windows_available() -> int | None:
-    import ctypes
-
-    class _Status(ctypes.Structure):
-        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
-                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
-                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
-                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
-                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
-
-    st = _Status()
-    st.dwLength = ctypes.sizeof(_Status)
-    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):  # type: ignore[attr-defined]
-        return None
-    return int(st.ullAvailPhys)
 
 
 def check_run_fits(n_devices: int, n_weights: int, *, simulated_chip: bool, what: str) -> None:

@@ -376,3 +376,26 @@ def test_clearing_a_dead_writers_marks_writes_what_libhdf5_writes(tmp_path: Path
     with pytest.raises(SuperblockError, match="checksum"):
         clear_status_flags(bad)
     assert bad.read_bytes() == bytes(data)
+
+
+def test_memory_figures_degrade_without_proc_or_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sim/platform_memory.py: /proc/meminfo on Linux, sysconf where there is no /proc, None (no check, no
+    crash) where neither nor Windows' GlobalMemoryStatusEx answers."""
+    import builtins
+
+    from sim import platform_memory as pm
+
+    with_proc = pm.available_memory_bytes()
+    total = pm.physical_memory_bytes()
+    assert with_proc is not None and total is not None and 0 < with_proc <= total
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):  # type: ignore[no-untyped-def]
+        if str(path).startswith("/proc"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert pm.available_memory_bytes() == total          # macOS: the total stands in
+    monkeypatch.setattr(pm.sys, "platform", "win32")      # ctypes.windll does not exist here: no figure, no crash
+    assert pm.available_memory_bytes() is None and pm.physical_memory_bytes() is None
