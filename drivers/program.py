@@ -17,6 +17,9 @@ _BOOL = np.dtype(np.bool_)
 # Reductions called as ufunc methods: the same arithmetic as ndarray.max() etc., without their Python
 # wrappers (every program and read of the training loop goes through these).
 _min, _max, _sum, _any = np.minimum.reduce, np.maximum.reduce, np.add.reduce, np.logical_or.reduce
+#: Arrays up to this many elements are checked and summed through Python lists (tolist + builtins), which on
+#: a step's few devices cost a fraction of numpy's per-call overhead; the results are the same either way.
+_SMALL = 64
 
 
 @dataclass(frozen=True)
@@ -43,21 +46,35 @@ class Geometry:
             if a.size and a.dtype.kind not in "iu":  # numpy's integer kinds: what np.issubdtype(dt, np.integer) accepts
                 raise AddressError(f"addresses must be integers, got dtype {a.dtype}")
             a = a.astype(np.int64, copy=False)
-        if a.size:
-            # One sort gives the range and the duplicates (this runs on every step's program and read).
-            if unique:
-                s = a.copy()
-                s.sort()  # (np.sort is this behind a Python wrapper)
-            else:
-                s = a
-            lo, hi = (int(s[0]), int(s[-1])) if unique else (int(a.min()), int(a.max()))
-            if lo < 0 or hi >= self.n_devices:
-                raise AddressError(f"address {lo if lo < 0 else hi} is outside the {self.rows} x {self.cols} array "
-                                   f"(0 .. {self.n_devices - 1})")
-            if unique and a.size > 1 and _any(s[1:] == s[:-1]):
+        n = a.size
+        if not n:
+            return a
+        if n <= _SMALL:
+            # A step's program and read-back address tens of devices: Python's sort and set beat numpy's per-call cost.
+            values = a.tolist()
+            lo, hi = min(values), max(values)
+            self._check_range(lo, hi)
+            if unique and len(set(values)) != n:
+                s = sorted(values)
+                dup = next(v for v, w in zip(s, s[1:]) if v == w)  # the smallest repeated one, as the sort below says
+                raise AddressError(f"address {dup} appears more than once in one request")
+            return a
+        # One sort gives the range and the duplicates (this runs on every step's program and read).
+        if unique:
+            s = a.copy()
+            s.sort()  # (np.sort is this behind a Python wrapper)
+            self._check_range(int(s[0]), int(s[-1]))
+            if _any(s[1:] == s[:-1]):
                 dup = s[1:][s[1:] == s[:-1]][0]
                 raise AddressError(f"address {int(dup)} appears more than once in one request")
+        else:
+            self._check_range(int(_min(a)), int(_max(a)))
         return a
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi >= self.n_devices:
+            raise AddressError(f"address {lo if lo < 0 else hi} is outside the {self.rows} x {self.cols} array "
+                               f"(0 .. {self.n_devices - 1})")
 
 
 class PulseShape(BaseModel):
@@ -76,9 +93,9 @@ class PulseShapes(BaseModel):
     reset: PulseShape = PulseShape(amplitude_ua=450.0, width_ns=50.0)
 
 
-def _frozen(a: np.ndarray, dtype: type) -> np.ndarray:
+def _frozen(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """a as a read-only array of dtype: a itself if it is one already, else a read-only copy."""
-    if a.dtype == dtype:
+    if a.dtype is dtype or a.dtype == dtype:
         if not a.flags.writeable and a.flags.c_contiguous:
             return a
         out = a.copy()
@@ -109,8 +126,13 @@ class PulseProgram:
             raise ProgramError(f"program_id must be an integer in 1 .. 2**63-1, got {pid!r}")
         if type(pid) is not int:
             object.__setattr__(self, "program_id", int(pid))
-        addr, cnt, rst = (a if type(a) is np.ndarray else np.asarray(a)
-                          for a in (self.addresses, self.set_counts, self.reset))
+        addr, cnt, rst = self.addresses, self.set_counts, self.reset
+        if type(addr) is not np.ndarray:
+            addr = np.asarray(addr)
+        if type(cnt) is not np.ndarray:
+            cnt = np.asarray(cnt)
+        if type(rst) is not np.ndarray:
+            rst = np.asarray(rst)
         if addr.ndim != 1 or cnt.shape != addr.shape or rst.shape != addr.shape:
             raise ProgramError(f"addresses, set_counts and reset must be 1-D of one length, got shapes "
                                f"{addr.shape}, {cnt.shape}, {rst.shape}")
@@ -121,20 +143,33 @@ class PulseProgram:
             raise ProgramError(f"set_counts must be integers, got dtype {cnt.dtype}")
         if rst.size and rst.dtype != np.bool_:
             raise ProgramError(f"reset must be booleans, got dtype {rst.dtype}")
-        if cnt.size and _min(cnt) < 0:
+        # The program keeps read-only arrays of its own: drivers rely on a checked program staying as it
+        # was checked (its read-back skips a second address check, its pulse totals are counted once).
+        addr, cnt, rst = _frozen(addr, _INT64), _frozen(cnt, _INT64), _frozen(rst, _BOOL)
+        n = addr.size
+        # The pulse totals are counted here, once (the driver, the run log and the trainer's books all ask).
+        if n == 0:
+            lo = most = total = 0
+        elif n <= _SMALL:
+            values = cnt.tolist()
+            lo, most, total = min(values), max(values), sum(values)
+        else:
+            lo, most, total = int(_min(cnt)), int(_max(cnt)), int(_sum(cnt))
+        if lo < 0:
             i = int(np.argmin(cnt))
             raise ProgramError(f"negative SET count {int(cnt[i])} for device {int(addr[i])}")
-        # The program keeps read-only arrays of its own: drivers rely on a checked program staying as it
-        # was checked (its read-back skips a second address check, its pulse totals are cached).
-        object.__setattr__(self, "addresses", _frozen(addr, np.int64))
-        object.__setattr__(self, "set_counts", _frozen(cnt, np.int64))
-        object.__setattr__(self, "reset", _frozen(rst, np.bool_))
+        object.__setattr__(self, "addresses", addr)
+        object.__setattr__(self, "set_counts", cnt)
+        object.__setattr__(self, "reset", rst)
+        d = self.__dict__
+        d["set_pulses"], d["most_set_pulses"] = total, most
+        d["reset_pulses"] = int(np.count_nonzero(rst)) if n else 0
 
     @property
     def n_devices(self) -> int:
         return int(self.addresses.size)
 
-    # Counted once: the driver and the trainer's books both ask (a program's arrays are read-only).
+    # Counted in __post_init__ (the instance's values shadow these; they document the attributes).
     @cached_property
     def set_pulses(self) -> int:
         """Total SET pulses in the program."""
@@ -148,7 +183,7 @@ class PulseProgram:
     @cached_property
     def reset_pulses(self) -> int:
         """Total RESET pulses in the program."""
-        return int(_sum(self.reset))
+        return int(np.count_nonzero(self.reset))
 
 
 @dataclass(frozen=True, eq=False)

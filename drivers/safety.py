@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing import Self
 
 from .errors import SafetyViolation
-from .program import Geometry, PulseProgram, PulseShape
+from .program import _SMALL, Geometry, PulseProgram, PulseShape, PulseShapes
 
 
 class Range(BaseModel):
@@ -27,6 +27,10 @@ class Range(BaseModel):
     def __contains__(self, x: float) -> bool:
         return self.min <= x <= self.max
 
+
+#: check_program's memo, by id(limits): (those limits, {(has RESET pulses, has SET pulses): the last PulseShapes
+#: found within their ranges}). Both are referenced here, so an identity match is never a recycled id.
+_SHAPES_OK: dict[int, tuple[SafetyLimits, dict[tuple[bool, bool], PulseShapes]]] = {}
 
 _RANGES = ("set_amplitude_ua", "set_width_ns", "reset_amplitude_ua", "reset_width_ns")
 
@@ -108,10 +112,19 @@ class SafetyLimits(BaseModel):
         has_reset = p.reset_pulses > 0  # counted once per program: the driver asks for it too
         # Counts are non-negative (PulseProgram checks), so any SET pulse means a positive maximum.
         most_sets = p.most_set_pulses
-        if has_reset:
-            self.check_shape("reset", p.shapes.reset, self.reset_amplitude_ua, self.reset_width_ns)
-        if most_sets > 0:
-            self.check_shape("set", p.shapes.set, self.set_amplitude_ua, self.set_width_ns)
+        # Limits and shapes are frozen: shapes once found within these limits' ranges stay so.
+        kinds = (has_reset, most_sets > 0)
+        memo = _SHAPES_OK.get(id(self))
+        if memo is None or memo[0] is not self or memo[1].get(kinds) is not p.shapes:
+            if has_reset:
+                self.check_shape("reset", p.shapes.reset, self.reset_amplitude_ua, self.reset_width_ns)
+            if most_sets > 0:
+                self.check_shape("set", p.shapes.set, self.set_amplitude_ua, self.set_width_ns)
+            if memo is None or memo[0] is not self:
+                if len(_SHAPES_OK) >= 64:
+                    _SHAPES_OK.clear()
+                memo = _SHAPES_OK[id(self)] = (self, {})
+            memo[1][kinds] = p.shapes
         if n > self.max_devices_per_program:
             raise SafetyViolation("max_devices_per_program",
                                   f"{n} devices addressed, at most {self.max_devices_per_program} allowed")
@@ -133,7 +146,8 @@ class SafetyLimits(BaseModel):
             after = lifetime_pulses[p.addresses] + p.set_counts
             if has_reset:
                 after += p.reset
-            if np.maximum.reduce(after) > self.lifetime_pulse_budget:
+            most_after = max(after.tolist()) if n <= _SMALL else np.maximum.reduce(after)
+            if most_after > self.lifetime_pulse_budget:
                 i = int(np.argmax(after > self.lifetime_pulse_budget))
                 raise SafetyViolation("lifetime_pulse_budget",
                                       f"the program would bring the device to {int(after[i])} pulses, "

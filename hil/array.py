@@ -83,14 +83,30 @@ def _sorted_unique(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class LayerPulses:
-    """One layer's part of an update program, as plan_update made it: what settle and the read-back need."""
+class PlannedPulses:
+    """An update program's weights as plan_update made it (every layer at once): what settle and the read-back
+    need. Weight indices are into the flat buffers behind chi, w and net_pulses (ArrayWeights._layout)."""
 
-    layer: int
-    widx: np.ndarray      # flat weight indices pulsed
-    signed: np.ndarray    # int64 SET pulses, + on G+, - on G-
-    plus: np.ndarray      # the weights' G+ addresses
-    minus: np.ndarray     # the weights' G- addresses
+    widx: np.ndarray            # flat weight indices pulsed, program order
+    signed: np.ndarray          # int64 SET pulses, + on G+, - on G-
+    plus: np.ndarray            # the weights' G+ addresses
+    minus: np.ndarray           # the weights' G- addresses
+    eps: float | np.ndarray     # each weight's eps (one float when one layer pulses)
+    beta: float | np.ndarray    # each weight's beta, likewise
+
+
+#: Each layer's part of the flat weight buffers starts on a 4 KiB boundary (a multiple of 512 float64), where a
+#: separately allocated array would start too.
+_LAYER_ALIGN = 512
+
+
+def _layout(shapes: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """Offsets of each layer's weights in one flat buffer, and the buffer's length."""
+    offsets, n = [], 0
+    for r, c in shapes:
+        offsets.append(n)
+        n += -(-(r * c) // _LAYER_ALIGN) * _LAYER_ALIGN
+    return offsets, n
 
 
 @dataclass
@@ -130,10 +146,26 @@ class ArrayWeights:
         self.last_applied_id = int(first_program_id) - 1
         self.programs_sent = 0
         self.g = np.zeros(mapping.geometry.n_devices, np.float64)
-        self.w = [np.zeros(lm.shape) for lm in mapping.layers]
-        self.chi = [np.zeros(lm.shape) for lm in mapping.layers]
+        # Every layer's w, chi and net pulses are views into one flat buffer each, so a step's program (weights of
+        # several layers) is settled and read back with one set of numpy calls. The views are what callers see;
+        # they are written in place, never rebound.
+        shapes = [lm.shape for lm in mapping.layers]
+        self._offsets, size = _layout(shapes)
+
+        def flat(dtype: type) -> tuple[np.ndarray, list[np.ndarray]]:
+            buf = np.zeros(size, dtype)
+            return buf, [buf[o:o + r * c].reshape(r, c) for o, (r, c) in zip(self._offsets, shapes, strict=True)]
+
+        self._w_flat, self.w = flat(np.float64)
+        self._chi_flat, self.chi = flat(np.float64)
         # Net SET pulses of update programs per weight (G+ minus G-): chi's ledger, checked by the tests.
-        self.net_pulses = [np.zeros(lm.shape, np.int64) for lm in mapping.layers]
+        self._net_flat, self.net_pulses = flat(np.int64)
+        # Each weight's G+ and G- addresses in the same flat order (the mapping never changes).
+        self._plus_flat, plus_views = flat(np.int64)
+        self._minus_flat, minus_views = flat(np.int64)
+        for lm, pv, mv in zip(mapping.layers, plus_views, minus_views, strict=True):
+            pv[:] = lm.plus
+            mv[:] = lm.minus
         self.counters = Counters()
         self.step = 0
         # Audit (tests): the float64 sum of every update ever accumulated; chi + eps * net_pulses must equal it.
@@ -144,7 +176,7 @@ class ArrayWeights:
         # The last update program plan_update made, with its per-layer parts: settle and the read-back use
         # them instead of mapping the program's addresses back to weights (a program from elsewhere, such as
         # the journal on resume, is not this object and takes the reverse mapping).
-        self._planned: tuple[PulseProgram, list[LayerPulses]] | None = None
+        self._planned: tuple[PulseProgram, PlannedPulses] | None = None
         # SET pulses each device had since its last RESET, as the host sent them (a function of the programs
         # alone, so the journal's roll-forward keeps it exact): the pulse-count axis of the response estimates.
         self.since_reset = np.zeros(mapping.geometry.n_devices, np.int32)
@@ -155,8 +187,6 @@ class ArrayWeights:
         self.auto: dict | None = None
         # Audit with an eps that moved: total = chi + eps * net + eps_offset (see set_eps).
         self.eps_offset: list[np.ndarray] | None = None
-        # Flat views of each layer's G+ and G- addresses (the mapping never changes).
-        self._pair_flat = [(lm.plus.ravel(), lm.minus.ravel()) for lm in mapping.layers]
 
     # ------------------------------------------------------------------ reads
     def _reason(self, reason: str) -> contextlib.AbstractContextManager:
@@ -188,12 +218,11 @@ class ArrayWeights:
             self._refresh_weights(r.addresses)
         return r
 
-    def _refresh_planned_weights(self, parts: list[LayerPulses]) -> None:
+    def _refresh_planned_weights(self, planned: PlannedPulses) -> None:
         g = self.g
-        for part in parts:
-            lm = self.mapping.layers[part.layer]
-            # ravel(): a view (the host arrays are C-contiguous), cheaper to index than .flat
-            self.w[part.layer].ravel()[part.widx] = lm.beta * (g[part.plus] - g[part.minus])
+        d = g[planned.plus]
+        d -= g[planned.minus]
+        self._w_flat[planned.widx] = planned.beta * d
 
     def _refresh_weights(self, addresses: np.ndarray) -> None:
         m = self.mapping
@@ -262,9 +291,9 @@ class ArrayWeights:
     def settle(self, program: PulseProgram) -> None:
         """chi -= sign * n * eps for each weight an update program pulsed (G+: sign +1, G-: sign -1)."""
         if self._planned is not None and program is self._planned[0]:
-            for part in self._planned[1]:
-                self.chi[part.layer].ravel()[part.widx] -= part.signed * self.eps[part.layer]
-                self.net_pulses[part.layer].ravel()[part.widx] += part.signed
+            planned = self._planned[1]
+            self._chi_flat[planned.widx] -= planned.signed * planned.eps
+            self._net_flat[planned.widx] += planned.signed
             return
         m = self.mapping
         layer = m.layer_of[program.addresses]
@@ -290,44 +319,54 @@ class ArrayWeights:
         n is floor(fl(|chi| * (1.0 / eps))); only the weights with |chi| >= pulse_threshold(eps) get n >= 1.
         touched is accumulate()'s result, and is used up: its chi copies are overwritten with |chi|.
         """
-        addr_parts, count_parts, parts = [], [], []
-        for lm, eps, chi, (rows, sub), (plus_flat, minus_flat) in zip(self.mapping.layers, self.eps, self.chi, touched,
-                                                                      self._pair_flat, strict=True):
+        widx_parts, count_parts, layers = [], [], []
+        for lm, eps, off, (rows, sub) in zip(self.mapping.layers, self.eps, self._offsets, touched, strict=True):
             if rows.size == 0:
                 continue
             q = np.abs(sub, out=sub).ravel()  # in place: the copy is still in cache, a new array would not be
             hit = (q >= pulse_threshold(eps)).nonzero()[0]  # a flat bool scan: the few weights that pulse
             if hit.size == 0:
                 continue
-            if rows.size == chi.shape[0]:
-                widx = hit  # every row touched (rows is 0 .. n-1): the flat positions are the weight indices
+            counts = q[hit]
+            counts *= 1.0 / eps
+            if rows.size == lm.shape[0]:
+                # every row touched (rows is 0 .. n-1): the flat positions are the weight indices
+                if off:
+                    hit += off
+                widx = hit
             else:
                 ncols = sub.shape[1]
                 r, c = np.divmod(hit, ncols)
                 widx = rows[r]
                 widx *= ncols
                 widx += c
-            counts = q[hit]
-            counts *= 1.0 / eps
-            np.floor(counts, out=counts)
-            np.minimum(counts, self.max_pulses, out=counts)
-            counts = counts.astype(np.int64)
-            pos = chi.ravel()[widx] > 0
-            plus, minus = plus_flat[widx], minus_flat[widx]
-            addr_parts.append(np.where(pos, plus, minus))
+                if off:
+                    widx += off
+            widx_parts.append(widx)
             count_parts.append(counts)
-            parts.append(LayerPulses(lm.index, widx, np.where(pos, counts, -counts), plus, minus))
-        if not addr_parts:
+            layers.append(lm.index)
+        if not layers:
             return None
-        if len(addr_parts) == 1:
-            addr, counts = addr_parts[0], count_parts[0]
+        if len(layers) == 1:
+            widx, counts = widx_parts[0], count_parts[0]
+            eps_w: float | np.ndarray = self.eps[layers[0]]
+            beta_w: float | np.ndarray = self.mapping.layers[layers[0]].beta
         else:
-            addr, counts = np.concatenate(addr_parts), np.concatenate(count_parts)
+            widx, counts = np.concatenate(widx_parts), np.concatenate(count_parts)
+            sizes = [w.size for w in widx_parts]
+            eps_w = np.repeat([self.eps[i] for i in layers], sizes)
+            beta_w = np.repeat([self.mapping.layers[i].beta for i in layers], sizes)
+        np.floor(counts, out=counts)
+        np.minimum(counts, self.max_pulses, out=counts)
+        counts = counts.astype(np.int64)
+        pos = self._chi_flat[widx] > 0
+        plus, minus = self._plus_flat[widx], self._minus_flat[widx]
+        addr = np.where(pos, plus, minus)
         reset = np.zeros(addr.size, np.bool_)
         # Fresh arrays nothing else writes: read-only already, PulseProgram keeps them instead of copying.
         addr.flags.writeable = counts.flags.writeable = reset.flags.writeable = False
         prog = self._new_program(addr, counts, reset)
-        self._planned = (prog, parts)
+        self._planned = (prog, PlannedPulses(widx, np.where(pos, counts, -counts), plus, minus, eps_w, beta_w))
         return prog
 
     # ------------------------------------------------------------------ initial programming and refresh

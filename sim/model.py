@@ -31,6 +31,8 @@ _STATE_ARRAYS = {"g": np.float32, "pulses": np.uint32, "t_prog": np.float64, "nu
 
 # Devices per chunk in full-array passes: keeps temporaries small and in cache.
 _CHUNK = 1 << 16
+# Up to this many devices, a call's bookkeeping goes through Python lists (numpy's per-call cost dominates).
+_FEW = 64
 
 IntArray = npt.NDArray[np.integer]
 FloatArray = npt.NDArray[np.float32]
@@ -145,12 +147,17 @@ class PCMArray:
     def _set_checked(self, addr: npt.NDArray[np.intp], cnt: npt.NDArray[np.int64], t: float) -> None:
         if cnt.size == 0:
             return
-        if np.minimum.reduce(cnt) <= 0:
+        if cnt.size <= _FEW:
+            values = cnt.tolist()  # a training step's program: builtins on a list beat two numpy reductions
+            lo, hi = min(values), max(values)
+        else:
+            lo, hi = np.minimum.reduce(cnt), np.maximum.reduce(cnt)
+        if lo <= 0:
             keep = cnt > 0
             if not keep.any():
                 return
             addr, cnt = addr[keep], cnt[keep]
-        if np.maximum.reduce(cnt) > 1:
+        if hi > 1:
             # Devices sorted by pulse count, most first: the devices still pulsing in pass k are a prefix.
             order = np.argsort(-cnt, kind="stable")
             addr, cnt = addr[order], cnt[order]
@@ -221,7 +228,7 @@ class PCMArray:
         else:
             addr, cnt, rst = addresses, set_counts, reset
         self._advance(t)
-        if np.logical_or.reduce(rst):
+        if np.count_nonzero(rst):
             self._reset_checked(addr[rst], t)
         self._set_checked(addr, cnt, t)
 
