@@ -64,8 +64,11 @@ def replay_cmd(
                  "every program so far as logged")
 
     def on_epoch(logged: dict[str, float], got: dict[str, float]) -> None:
-        _say(f"epoch {int(got['epoch'])}: test accuracy {got['test_accuracy']:.4f} (logged "
-             f"{logged['test_accuracy']:.4f}), {int(got.get('programs_applied', 0)):,} programs, "
+        from .replay import METRIC_KEYS
+
+        key = next((k for k in METRIC_KEYS if k in got), "epoch")  # the run's task's metric
+        _say(f"epoch {int(got['epoch'])}: {METRIC_KEYS.get(key, key)} {got[key]:.4f} (logged "
+             f"{logged.get(key, float('nan')):.4f}), {int(got.get('programs_applied', 0)):,} programs, "
              f"{int(got.get('set_pulses', 0)):,} SET / {int(got.get('reset_pulses', 0)):,} RESET pulses, "
              f"{int(got.get('refreshes', 0)):,} refreshes: as logged")
 

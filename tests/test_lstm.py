@@ -235,3 +235,15 @@ def test_kill9_and_resume_end_where_an_uninterrupted_run_ends(tmp_path: Path) ->
     eps = m2["eps"]
     for i in range(2):
         np.testing.assert_allclose(a2[f"chi{i}"] + eps[i] * a2[f"net{i}"], a2[f"total{i}"], rtol=0, atol=1e-9)
+
+
+def test_an_lstm_run_replays_as_logged(tmp_path: Path) -> None:
+    """pcm-hil replay trains the LSTM again against its log: every program, each epoch's bits per character."""
+    from hil.replay import replay_run
+
+    cfg = RunConfig().with_overrides(**{**TINY, "data.train_limit": 160, "data.test_limit": 20})
+    s = start_run(cfg, tmp_path / "run")
+    r = replay_run(tmp_path / "run", tmp_path / "again")
+    assert r.programs == s["programs_applied"] > 0 and r.steps == 20
+    (logged, got), = r.epoch_rows
+    assert got["bits_per_char"] == logged["bits_per_char"] == s["bits_per_char"]
