@@ -256,7 +256,7 @@ class ArrayWeights:
         # One operation (one round trip on a tester with PROG:APPL:READ?), booked as apply, account, read were.
         with self._reason(read_reason):
             r = self.driver.apply_and_read(p)
-        self.account(rec)
+        self.account(rec, k)
         self._took_read(r, p.addresses)
         if p.reset_pulses == 0:
             if rec.kind != PROBE:
@@ -270,17 +270,21 @@ class ArrayWeights:
         rs = p.reset
         self.response.add_from_reset(p.set_counts[rs], g_us[rs])
 
-    def account(self, rec: ProgramRecord) -> None:
-        """Book an applied program: counters, and for an update program chi -= sign * n * eps."""
+    def account(self, rec: ProgramRecord, since_reset: np.ndarray | None = None) -> None:
+        """Book an applied program: counters, and for an update program chi -= sign * n * eps.
+
+        since_reset: the program's devices' since_reset values as they were before it (send has them), if known.
+        """
         p = rec.program
         self.last_applied_id = p.program_id
         self.counters.programs_applied += 1
         self.counters.set_pulses += p.set_pulses
         self.counters.reset_pulses += p.reset_pulses
+        before = self.since_reset[p.addresses] if since_reset is None else since_reset
         if p.reset_pulses:
-            self.since_reset[p.addresses] = np.where(p.reset, 0, self.since_reset[p.addresses]) + p.set_counts
+            self.since_reset[p.addresses] = np.where(p.reset, 0, before) + p.set_counts
         else:
-            self.since_reset[p.addresses] += p.set_counts
+            self.since_reset[p.addresses] = before + p.set_counts
         if rec.kind == UPDATE:
             self.settle(p)
         elif rec.kind == REFRESH:

@@ -200,7 +200,7 @@ class PCMArray:
             np.maximum(gk, c.g_min, out=gk)  # clip, as minimum(maximum(g, lo), hi)
             np.minimum(gk, c.g_max, out=gk)
         self._g[addr] = g
-        pulses += cnt.astype(np.uint32)
+        np.add(pulses, cnt, out=pulses, casting="unsafe")  # as pulses += cnt.astype(np.uint32), without the copy
         self._pulses[addr] = pulses
         self._t_prog[addr] = t
 
