@@ -6,8 +6,9 @@ each point's own wall time (inside its Ray task: imports on a fresh worker, data
 imports apart in brackets), the time from the first task submitted to the last result (Ray's start and stop
 apart), the speed-up of 2 workers over 1 and Ray's own overhead per point:
 (workers x the sweep's time - the points' own time) / points, i.e. worker-seconds per point not spent in a
-point (scheduling, result transfer, and with 2 workers the wait for the last point). Goal: at least 1.7x with
-2 workers on 2 cores.
+point (scheduling, result transfer, and with 2 workers the wait for the last point). Beside it, the machine's
+own 2-process speed-up without Ray (a CPU loop in two processes at once against one alone), which says what
+2 workers can gain on the machine as loaded now. Goal: at least 1.7x with 2 workers on 2 cores.
 """
 
 from __future__ import annotations
@@ -36,6 +37,29 @@ epochs = {epochs}
 GOAL = 1.7
 
 
+def _burn(_: int) -> float:
+    """A fixed pure-Python CPU loop; its wall time, s."""
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(5_000_000):
+        x += i * i
+    return time.perf_counter() - t0
+
+
+def machine_ratio() -> float:
+    """The machine's own 2-process speed-up now (no Ray): 2 x the time of one CPU loop alone over that of two at
+    once in two processes; 2.0 where two cores are free, 1.0 where the machine gives one core's worth."""
+    import multiprocessing as mp
+
+    # fork where there is one: spawn would import `python -m benchmarks`'s __main__ again, which runs the benchmark
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(2) as pool:
+        pool.map(_burn, [0, 1])  # both processes started
+        one = float(np.median([pool.map(_burn, [0])[0] for _ in range(3)]))
+        two = float(np.median([max(pool.map(_burn, [0, 1])) for _ in range(3)]))
+    return 2 * one / two
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="scripts/bench sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1, help="Rounds of (1 worker, 2 workers); median and spread shown.")
@@ -53,7 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"scripts/bench sweep: {n} points (update.eps x seeds 0, 1; digits 64-16-10, {args.epochs} epochs, "
               f"mock chip), local Ray instance per sweep, {args.rounds} round(s)")
         runs: dict[int, list[dict]] = {1: [], 2: []}
+        machine: list[float] = []
         for k in range(args.rounds):
+            # What two processes can gain on this machine as loaded now (other work may leave one core's worth).
+            machine.append(machine_ratio())
+            print(f"  round {k + 1}, no Ray: a CPU loop in 2 processes at once against 1 alone: {machine[-1]:.2f}x")
             for w in ((1, 2) if k % 2 == 0 else (2, 1)):
                 out = tmp / f"r{k}-w{w}"
                 t0 = time.perf_counter()
@@ -92,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{spread([r['overhead'] for r in runs[w]], ' s')}")
         s = float(np.median(ratios))
         print(f"  speed-up, 2 workers over 1: {spread(ratios, 'x')}; with Ray's start: {spread(with_start, 'x')}")
+        print(f"  the machine's own 2-process speed-up (a CPU loop, no Ray): {spread(machine, 'x')}")
         print(f"  goal at least {GOAL}x with 2 workers on 2 cores: {'met' if s >= GOAL else 'NOT met'} ({s:.2f}x)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

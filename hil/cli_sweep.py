@@ -141,7 +141,7 @@ def sweep_cmd(
     if res.workers:
         _say(f"wall {res.wall_s:.1f} s on {res.workers} worker{'s' if res.workers != 1 else ''} "
              f"(Ray start {res.ray_start_s:.1f} s)")
-    _say(f"table: {res.csv}")
+    _say(f"table: {out / res.csv.name if res.csv else '-'}")
     if res.plots:
         _say(f"plots: {', '.join(p.name for p in res.plots)} in {out}")
     if res.interrupted:
