@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .platform_fs import sync_folder
+from .platform_fs import replace, sync_folder
 
 _META = "meta"
 
@@ -34,7 +34,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace(tmp, path)  # on Windows retried while a reader holds path open
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -4,13 +4,20 @@
   Windows cannot open a folder with os.open, and NTFS journals names itself, so there it is skipped;
 - positional writes (os.pwrite) do not exist on Windows: a seek and a write on a descriptor its caller
   uses alone do the same;
-- descriptors must be opened binary on Windows (O_BINARY), or every newline byte written gains a CR.
+- descriptors must be opened binary on Windows (O_BINARY), or every newline byte written gains a CR;
+- replacing a file another process has open (a reader of summary.json, say) fails on Windows for as long
+  as that reader holds it, where POSIX replaces it at once: replace() retries there for a while.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
+
+#: How long replace() keeps retrying on Windows while another process holds the target open, s.
+REPLACE_RETRY_S = 2.0
 
 #: Add to os.open flags: binary on Windows (no newline translation), 0 elsewhere.
 O_BINARY = getattr(os, "O_BINARY", 0)
@@ -46,3 +53,20 @@ def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
 def datasync(fd: int) -> None:
     """fdatasync where the system has it (Linux), else fsync (macOS, Windows): fd's data on the disk."""
     (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """os.replace(src, dst); on Windows retried for up to REPLACE_RETRY_S while dst is held open elsewhere."""
+    if sys.platform != "win32":
+        os.replace(src, dst)
+        return
+    deadline = time.monotonic() + REPLACE_RETRY_S
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            # ERROR_ACCESS_DENIED / sharing violation: a reader has dst open (readers hold it milliseconds).
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)

@@ -399,3 +399,44 @@ def test_memory_figures_degrade_without_proc_or_on_windows(monkeypatch: pytest.M
     assert pm.available_memory_bytes() == total          # macOS: the total stands in
     monkeypatch.setattr(pm.sys, "platform", "win32")      # ctypes.windll does not exist here: no figure, no crash
     assert pm.available_memory_bytes() is None and pm.physical_memory_bytes() is None
+
+
+def test_durable_writes_without_posix_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sim/platform_fs.py: pwrite without os.pwrite, a folder that cannot be opened, Windows' replace of a held file."""
+    from sim import platform_fs as fs
+
+    f = tmp_path / "f.bin"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT | fs.O_BINARY)
+    try:
+        monkeypatch.delattr(os, "pwrite")
+        assert fs.pwrite(fd, b"abcd", 0) == 4 and fs.pwrite(fd, b"XY", 1) == 2
+        monkeypatch.delattr(os, "fdatasync")
+        fs.datasync(fd)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"aXYd"
+
+    def no_folders(path, flags, *a):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", no_folders)
+        fs.sync_folder(tmp_path)                          # Windows: nothing to do, no error
+
+    real_replace, calls = os.replace, []
+
+    def held_twice(src, dst):  # type: ignore[no-untyped-def]
+        calls.append(dst)
+        if len(calls) <= 2:
+            raise PermissionError(13, "The process cannot access the file because it is being used", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fs.sys, "platform", "win32")
+    monkeypatch.setattr(os, "replace", held_twice)
+    (tmp_path / "new").write_bytes(b"new")
+    fs.replace(tmp_path / "new", f)
+    assert f.read_bytes() == b"new" and len(calls) == 3
+    monkeypatch.setattr(fs, "REPLACE_RETRY_S", 0.05)
+    monkeypatch.setattr(os, "replace", lambda s, d: no_folders(d, 0))
+    with pytest.raises(PermissionError):
+        fs.replace(tmp_path / "x", f)
