@@ -102,8 +102,8 @@ class _View:
 
 
 def sweep_cmd(
-    sweep_file: Annotated[Path, typer.Argument(metavar="SWEEP.toml", help="The sweep: a base run config, a [grid] "
-                                                                         "and/or [random] keys, seeds (docs/sweep.md).")],
+    sweep_file: Annotated[Path, typer.Argument(help="The sweep (TOML): a base run config, grid and/or random "
+                                                    "keys, seeds (docs/sweep.md).")],
     out: Annotated[Path, typer.Option(help="DIR: one RUN_DIR per point, sweep.csv and the plots; run the same "
                                            "command again to continue a sweep (finished points are skipped).")],
     address: Annotated[Optional[str], typer.Option(help="An existing Ray cluster (e.g. auto, or ray://HOST:10001); "
@@ -123,7 +123,7 @@ def sweep_cmd(
     n = len(sweep.points)
     todo = sum(1 for s in states.values() if s != "finished")
     where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-    _say(f"pcm-hil sweep: {n} points ({len(sweep.keys)} swept key{'s' if len(sweep.keys) != 1 else ''} "
+    _say(f"pcm-hil sweep: {n} point{'s' if n != 1 else ''} ({len(sweep.keys)} swept key{'s' if len(sweep.keys) != 1 else ''} "
          f"{', '.join(sweep.keys) or '-'}; seeds {', '.join(map(str, sweep.seeds))}) in {out}; {n - todo} finished "
          f"earlier, {todo} to run" + (f" on {where}" if todo else ""))
     view = _View(n)

@@ -167,7 +167,7 @@ def _grid(grid: Any, where: Path) -> dict[str, list[Any]]:
     if not isinstance(grid, dict):
         raise SweepError(f"{where}: [grid] must be a table of dotted config keys, e.g. \"update.lr\" = [0.03, 0.1]")
     out: dict[str, list[Any]] = {}
-    for key, vals in grid.items():
+    for key, vals in _dotted(grid, lambda v: isinstance(v, dict)).items():
         _check_key(key, where, "[grid]")
         if not isinstance(vals, list) or not vals:
             raise SweepError(f"{where}: [grid] {key!r} must be a non-empty list of values")
@@ -175,12 +175,23 @@ def _grid(grid: Any, where: Path) -> dict[str, list[Any]]:
     return out
 
 
+def _dotted(table: dict[str, Any], is_table: Callable[[Any], bool], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables as dotted keys: an unquoted update.lr = [...] is {"update": {"lr": [...]}} in TOML."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if is_table(v) and v:
+            out.update(_dotted(v, is_table, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def _check_key(key: str, where: Path, table: str) -> None:
     if isinstance(key, str) and key == "seed":
         raise SweepError(f"{where}: {table} 'seed': the run's seed is swept by the top-level seeds = [...]")
     if not isinstance(key, str) or not key or any(not part.isidentifier() for part in key.split(".")):
-        raise SweepError(f"{where}: {table} {key!r} is not a dotted config key (e.g. \"update.lr\"); quote it "
-                         "in TOML: \"update.lr\" = [...]")
+        raise SweepError(f"{where}: {table} {key!r} is not a dotted config key (e.g. update.lr)")
 
 
 def _random(rnd: Any, where: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
@@ -201,6 +212,7 @@ def _random(rnd: Any, where: Path) -> tuple[dict[str, dict[str, Any]], list[dict
     if not isinstance(keys, dict) or not keys:
         raise SweepError(f"{where}: [random.keys] must name at least one key, e.g. "
                          "\"update.lr\" = { log_uniform = [0.01, 0.3] }")
+    keys = _dotted(keys, lambda v: isinstance(v, dict) and not (len(v) == 1 and next(iter(v)) in DISTRIBUTIONS))
     for key, dist in keys.items():
         _check_key(key, where, "[random.keys]")
         _check_distribution(key, dist, where)

@@ -234,7 +234,8 @@ def test_the_command_refuses_a_bad_key_in_one_line(tmp_path):
 
 
 def test_random_samples_are_seeded_and_named_by_their_values(tmp_path):
-    spec = _write(tmp_path / "s.toml", '[grid]\n"network.hidden" = [[8], [16]]\n'
+    # an unquoted dotted key is a nested table in TOML: the same key
+    spec = _write(tmp_path / "s.toml", '[grid]\nnetwork.hidden = [[8], [16]]\n'
                                        '[random]\nsamples = 3\nseed = 4\n[random.keys]\n'
                                        '"update.lr" = { log_uniform = [0.01, 0.3] }\n', seeds="[0, 1]")
     a, b = load_sweep(spec), load_sweep(spec)
