@@ -155,8 +155,12 @@ def build_network(cfg: RunConfig, data: Dataset, *, torch_model: bool | None = N
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             raw_lm = charlm_module(cfg, data.n_classes)
-        # the embedding is a lookup, no multiply: it stays digital
-        return _network("lstm", convert(raw_lm, ["embed"], lstm=True))
+        # the embedding is a lookup, no multiply: it stays digital (network.digital may keep "lstm" or "readout" too)
+        try:
+            model = convert(raw_lm, ["embed", *(n for n in net.digital if n != "embed")], lstm=True)
+        except ConvertError as e:
+            raise ConfigError(str(e)) from None
+        return _network("lstm", model)
     if net.kind == "gan":
         # the GAN builds its two networks itself (hil/gan.py), imported only by a GAN run
         return importlib.import_module("hil.gan").build_network(cfg, data)

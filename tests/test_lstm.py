@@ -25,6 +25,7 @@ from drivers.runlog import RunLogReader
 from hil.analog import AnalogLSTM, ConvertError, HostWeights, analog_layers, convert
 from hil.config import ConfigError, RunConfig, load_config
 from hil.data import DataError, default_corpus, load_dataset, load_text
+from hil.networks import build_network
 from hil.run import start_run
 from hil.trainer import Trainer
 
@@ -89,6 +90,15 @@ def test_convert_places_an_lstm_only_when_asked() -> None:
     assert names == [("0", (5, 4)), ("1.cells.0", (8, 12)), ("1.cells.1", (7, 12))]
     with pytest.raises(ConvertError, match="bidirectional=True"):
         convert(nn.Sequential(nn.LSTM(4, 3, bidirectional=True)), lstm=True)
+    # the language model: its embedding always digital, network.digital may keep more off the chip
+    data = load_dataset("text", train_limit=10, test_limit=5, bptt=8)
+    for digital, analog in (([], ["lstm.cells.0", "lstm.cells.1", "readout"]), (["readout"], ["lstm.cells.0",
+                                                                                               "lstm.cells.1"])):
+        cfg = RunConfig().with_overrides(**{"network.kind": "lstm", "data.name": "text", "network.lstm.layers": 2,
+                                            "network.digital": digital})
+        net = build_network(cfg, data)
+        assert net.names == analog and sorted(net.digital)[0] == "embed.weight"
+        assert net.shapes[0] == (16 + 64, 256) and net.shapes[1] == (64 + 64, 256)
 
 
 def test_lstm_config_and_the_digests_of_other_configs() -> None:
