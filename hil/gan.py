@@ -1,12 +1,12 @@
 """The MNIST GAN on the array (network.kind = "gan"): a generator and a discriminator, both analog by default.
 
 Generator: z (network.gan.z_dim, standard normal) -> g_hidden (leaky ReLU) -> one image (sigmoid, pixels in
-[0, 1] like the data). Discriminator: image -> d_hidden (leaky ReLU) -> one logit. The defaults, z 32 ->
-128 -> 784 and 784 -> 128 -> 1, are the smallest MLP GAN that draws recognizable MNIST digits with plain SGD
-in one or two epochs; they keep a step's torch work small on a 2-core host and the array to 785 x 2,082
-devices (the generator's output layer, 129 x 784 weights, is the largest block). network.digital =
-["generator"] or ["discriminator"] keeps that side off the chip (a torch layer trained by plain SGD), to
-show which side the chip hurts; its layers are then absent from the mapping.
+[0, 1] like the data). Discriminator: image -> d_hidden (leaky ReLU) -> one logit. The defaults, z 32 -> 128
+-> 784 and 784 -> 128 -> 1, are a small MLP GAN: a step's torch work stays small on a 2-core host, it draws
+digit-like strokes after 3 epochs of plain SGD, and the array is 785 x 2,082 devices (the generator's output
+layer, 129 x 784 weights, is the largest block). network.digital = ["generator"] or ["discriminator"] keeps
+that side off the chip (a torch layer trained by plain SGD), to show which side the chip hurts; its layers are
+then absent from the mapping.
 
 One training step (GanTask.step), from the weights of the step's start: the discriminator's loss on the
 real batch and on the generator's fakes (detached), softplus cross-entropy, mean over each half; and the
@@ -34,7 +34,8 @@ from torch.nn import functional as F
 from .analog import AnalogLayer, ConvertError, convert
 from .config import ConfigError, GanConfig, RunConfig
 from .data import Dataset, load_dataset
-from .gan_metric import Classifier, class_entropy_bits, feature_stats, frechet_distance, load_classifier, save_grid
+from .gan_metric import (Classifier, class_entropy_bits, classifier_cache_dir, feature_stats, frechet_distance,
+                         load_classifier, save_grid)
 from .networks import Network, _network
 from .tasks import Task, TaskStep, step_rng
 
@@ -103,18 +104,21 @@ def _side(name: str) -> str:
     return name.partition(".")[0]
 
 
-#: Classifiers already loaded in this process, by cache file (the PCM run and its baseline share one).
-_CLASSIFIERS: dict[Path, Classifier] = {}
+#: Classifiers already loaded in this process, by data set and cache folder (a PCM run and its baseline share one).
+_CLASSIFIERS: dict[tuple[str, str | None, Path], Classifier] = {}
 
 
 def metric_classifier(cfg: RunConfig, n_classes: int) -> Classifier:
     """The feature classifier of the run's data set (hil/gan_metric.py), trained on its full training split
     (data.train_limit does not apply; digits: the split of seed 0) and cached."""
     d = cfg.data
-    full = load_dataset(d.name, d.path, d.download, 0)
-    clf = load_classifier(d.name, full.x_train, full.y_train, full.x_test, full.y_test, n_classes,
-                          cfg.network.gan_options.classifier_cache)
-    return _CLASSIFIERS.setdefault(clf.path, clf)
+    folder = classifier_cache_dir(cfg.network.gan_options.classifier_cache)
+    key = (d.name, d.path, folder)
+    if key not in _CLASSIFIERS:
+        full = load_dataset(d.name, d.path, d.download, 0)
+        _CLASSIFIERS[key] = load_classifier(d.name, full.x_train, full.y_train, full.x_test, full.y_test, n_classes,
+                                            folder)
+    return _CLASSIFIERS[key]
 
 
 class GanTask(Task):

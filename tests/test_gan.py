@@ -285,3 +285,31 @@ def test_kill9_mid_run_and_resume_keeps_the_accounting(cache: str, tmp_path: Pat
         np.testing.assert_allclose(arrays[f"chi{i}"] + eps[i] * arrays[f"net{i}"], arrays[f"total{i}"], rtol=0,
                                    atol=1e-9)
         np.testing.assert_array_equal(upd[plus[i]] - upd[minus[i]], arrays[f"net{i}"])
+
+
+# ---------------------------------------------------------------------------------------------- scripts/bench zoo
+def test_zoo_table_gaps_goals_and_a_network_not_available(tmp_path: Path) -> None:
+    """The study's table: the gap by metric (points of accuracy; percent of bits/char and Frechet distance), goal
+    lines, and a network whose config is missing printed as not available (nothing trained, nothing made)."""
+    from benchmarks import zoo
+
+    assert zoo.gap_and_goal("test_accuracy", 0.9761, 0.9800) == ("0.39 pt", True)
+    assert zoo.gap_and_goal("test_accuracy", 0.9700, 0.9800) == ("1.00 pt", False)
+    assert zoo.gap_and_goal("bits_per_char", 2.09, 2.00) == ("+4.5%", True)
+    assert zoo.gap_and_goal("bits_per_char", 2.2, 2.00) == ("+10.0%", False)
+    assert zoo.gap_and_goal("frechet_distance", 130.0, 100.0) == ("+30.0%", False)
+
+    def missing(full: bool) -> RunConfig:
+        raise FileNotFoundError("examples/nothing.toml is not there yet")
+
+    row = zoo.run_entry(zoo.Entry("nothing", "LSTM", missing, zoo._data_label, "-"), False, tmp_path)
+    assert row == {"name": "LSTM", "unavailable": "examples/nothing.toml is not there yet"}
+    assert list(tmp_path.iterdir()) == []
+    ok = {"name": "GAN", "data": "digits", "metric": "frechet_distance", "pcm": 35.2, "float": 30.5, "gap": "+15.4%",
+          "met": True, "goal": "Frechet distance within 25% of float", "set": 274_465, "reset": 49_998,
+          "refreshes": 15_526, "us": 729.0}
+    lines = zoo.table([row, ok])
+    assert lines[1].split() == ["LSTM", "not", "available:", "examples/nothing.toml", "is", "not", "there", "yet"]
+    assert lines[2].split() == ["GAN", "digits", "Frechet", "dist.", "35.2", "30.5", "+15.4%", "274,465", "49,998",
+                                "15,526", "729"]
+    assert lines[3] == "  goal GAN Frechet distance within 25% of float: met (+15.4%)"
