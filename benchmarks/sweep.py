@@ -63,7 +63,7 @@ def machine_ratio() -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="scripts/bench sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1, help="Rounds of (1 worker, 2 workers); median and spread shown.")
-    ap.add_argument("--epochs", type=int, default=3, help="Epochs per point (1,347 digits samples each).")
+    ap.add_argument("--epochs", type=int, default=10, help="Epochs per point (1,347 digits samples each).")
     args = ap.parse_args(argv)
 
     from hil.sweep import load_sweep, run_sweep
