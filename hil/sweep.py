@@ -659,7 +659,7 @@ def ray_session(address: str | None, workers: int | None) -> Iterator[tuple[Any,
                 n = workers or os.cpu_count() or 1
                 # Ray's socket paths must stay short (108 bytes): /tmp, not a long $TMPDIR
                 tmp = tempfile.mkdtemp(prefix="pcm-hil-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-                reaper = _start_reaper()
+                reaper = _start_reaper(tmp)
                 ray.init(num_cpus=n, _temp_dir=tmp, object_store_memory=100 * 2**20, **quiet)
         except SweepError:
             raise
@@ -694,10 +694,11 @@ def _check_reachable(address: str) -> None:
 # The reaper: a small process watching the sweep's process. Ray's processes fate-share with the driver, except
 # its two agents, which outlive a kill -9 of the driver by a minute (a 60 s GCS timeout inside Ray). It notes
 # every Ray process below the sweep's process while it lives; when the sweep's process dies (or closes the
-# pipe after ray.shutdown()), it kills those still alive (the same pid and start time: never another process).
+# pipe after ray.shutdown()), it kills those still alive (the same pid and start time: never another process)
+# and removes Ray's temporary folder.
 _REAPER = r"""
-import os, signal, sys, select
-parent, me = int(sys.argv[1]), os.getpid()
+import os, shutil, signal, sys, select
+parent, me, tmp = int(sys.argv[1]), os.getpid(), sys.argv[2]
 def stat(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -737,13 +738,20 @@ for pid, start in seen.items():
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+if tmp:
+    import time
+    for _ in range(50):  # until the killed ones are gone (nothing writes there then), at most 5 s
+        if not any((st := stat(pid)) and st[1] == start for pid, start in seen.items()):
+            break
+        time.sleep(0.1)
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session folder: the killed sweep cannot remove it
 """
 
 
-def _start_reaper() -> subprocess.Popen | None:
+def _start_reaper(tmp: str | None) -> subprocess.Popen | None:
     if not os.path.isdir("/proc/self"):
         return None  # not Linux: Ray's agents then outlive a killed sweep by about a minute
-    return subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), tmp or ""], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

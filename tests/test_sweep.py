@@ -130,6 +130,11 @@ def _session_processes(sid: int) -> list[int]:
     return out
 
 
+def ray_tmp() -> list[Path]:
+    """The local Ray instances' temporary folders (hil.sweep makes them under /tmp)."""
+    return sorted(Path("/tmp").glob("pcm-hil-ray-*"))
+
+
 def _journal_seq(run_dir: Path) -> int:
     seqs = [int(m.group(1)) for f in run_dir.glob("journal-*.bin") if (m := re.match(r"journal-(\d+)\.bin", f.name))]
     return max(seqs, default=0)
@@ -145,6 +150,7 @@ def test_kill_mid_sweep_then_rerun_skips_and_resumes(tmp_path, ray_local):
     sweep = load_sweep(spec)
     first, second = sweep.points
     out = tmp_path / "out"
+    tmp_before = ray_tmp()
     proc = subprocess.Popen([sys.executable, "-m", "hil.cli", "sweep", str(spec), "--out", str(out), "--workers", "1"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=dict(os.environ, COLUMNS="80"))
@@ -170,6 +176,7 @@ def test_kill_mid_sweep_then_rerun_skips_and_resumes(tmp_path, ray_local):
     for pid in _session_processes(proc.pid):  # tidy up before failing, by id: the processes this test started
         os.kill(pid, signal.SIGKILL)
     assert left == [], "processes of the killed sweep survived it"
+    assert not [d for d in ray_tmp() if d not in tmp_before], "the killed sweep left Ray's temporary folder"
     finished_before = (out / first.name / "summary.json").read_bytes()
 
     res = run_sweep(load_sweep(spec), out)
