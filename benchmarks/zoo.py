@@ -81,9 +81,10 @@ def gan_config(full: bool) -> RunConfig:
 
 def _data_label(cfg: RunConfig) -> str:
     d = cfg.data
-    n = f", {d.train_limit:,} train" if d.train_limit else ""
+    n = f", {d.train_limit:,} samples" if d.train_limit else ""
     if d.name == "text":
-        return "text" + (f" ({Path(d.path).name})" if d.path else " (pydoc topics)") + n
+        return (Path(d.path).name if d.path else "pydoc topics") + (f", {d.train_limit:,} windows" if d.train_limit
+                                                                      else "")
     return d.name + n
 
 
@@ -140,14 +141,15 @@ def run_entry(e: Entry, full: bool, out: Path) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The study's table and its goal lines."""
-    head = (f"  {'network':<8} {'data':<22} {'metric':<14} {'PCM':>9} {'float':>9} {'gap':>9} {'SET':>11} "
+    dw = max([len("data"), *(len(r["data"]) for r in rows if "data" in r)])
+    head = (f"  {'network':<8} {'data':<{dw}} {'metric':<14} {'PCM':>9} {'float':>9} {'gap':>9} {'SET':>11} "
             f"{'RESET':>10} {'refreshes':>9} {'us/sample':>9}")
     lines = [head]
     for r in rows:
         if "unavailable" in r:
             lines.append(f"  {r['name']:<8} not available: {r['unavailable']}")
             continue
-        lines.append(f"  {r['name']:<8} {r['data']:<22} {METRIC_LABEL.get(r['metric'], r['metric']):<14} "
+        lines.append(f"  {r['name']:<8} {r['data']:<{dw}} {METRIC_LABEL.get(r['metric'], r['metric']):<14} "
                      f"{_value(r['metric'], r['pcm']):>9} {_value(r['metric'], r['float']):>9} {r['gap']:>9} "
                      f"{r['set']:>11,} {r['reset']:>10,} {r['refreshes']:>9,} {r['us']:>9,.0f}")
     for r in rows:
