@@ -449,6 +449,8 @@ class PointResult:
     metric: str | None = None
     value: float | None = None
     higher_is_better: bool = True
+    #: The float64 baseline's value of the metric (baseline = true in SWEEP.toml), else None.
+    baseline: float | None = None
     set_pulses: int | None = None
     reset_pulses: int | None = None
     refreshes: int | None = None
@@ -467,6 +469,9 @@ class PointResult:
             self.higher_is_better = bool(m.get("higher_is_better", True))
         elif "test_accuracy" in s:
             self.metric, self.value, self.higher_is_better = "test_accuracy", s["test_accuracy"], True
+        self.baseline = m.get("baseline") if isinstance(m, dict) else None
+        if self.baseline is None and self.metric == "test_accuracy":
+            self.baseline = s.get("baseline_test_accuracy")
         for k in ("set_pulses", "reset_pulses", "refreshes", "steps"):
             setattr(self, k, s.get(k))
 
@@ -799,7 +804,7 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-CSV_COLUMNS = ("metric", "value", "set_pulses", "reset_pulses", "refreshes", "wall_s", "status", "resumed", "error")
+CSV_COLUMNS = ("metric", "value", "baseline", "set_pulses", "reset_pulses", "refreshes", "wall_s", "status", "resumed", "error")
 
 
 def write_csv(sweep: Sweep, res: SweepResult, path: Path) -> Path:
@@ -812,7 +817,7 @@ def write_csv(sweep: Sweep, res: SweepResult, path: Path) -> Path:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["point", *sweep.keys, "seed", *CSV_COLUMNS])
     for r in res.results:
-        w.writerow([r.name, *(_cell(r.values.get(k)) for k in sweep.keys), r.seed, r.metric or "", _cell(r.value),
+        w.writerow([r.name, *(_cell(r.values.get(k)) for k in sweep.keys), r.seed, r.metric or "", _cell(r.value), _cell(r.baseline),
                     _cell(r.set_pulses), _cell(r.reset_pulses), _cell(r.refreshes),
                     f"{r.wall_s:.2f}" if r.wall_s is not None else "", r.status, "true" if r.resumed else "false",
                     r.error or ""])

@@ -79,6 +79,7 @@ def test_grid_makes_points_table_and_plots(tmp_path, ray_local):
     for r, p in zip(rows, sweep.points, strict=True):
         s = _summary(out / p.name)
         assert r["status"] == "finished" and r["seed"] == "0" and r["metric"] == "test_accuracy"
+        assert r["baseline"] == ""  # no baseline = true
         assert float(r["value"]) == s["test_accuracy"] and int(r["set_pulses"]) == s["set_pulses"]
         assert int(r["refreshes"]) == s["refreshes"] and float(r["wall_s"]) > 0
     png = out / "sweep-update.lr.png"
