@@ -32,12 +32,14 @@ from .trainer import Trainer
 #: Config keys a replay sets itself (the driver is the log); --set may not touch them.
 REPLAY_DRIVER_KEYS = ("driver.kind", "driver.resource", "driver.plugin", "driver.options")
 #: Per-epoch metrics compared as each epoch ends (the trainer's own row).
-EPOCH_KEYS = ("epoch", "test_accuracy", "train_accuracy", "bits_per_char", "train_bits_per_char", "refreshes",
-              "set_pulses", "reset_pulses", "programs_applied")
+EPOCH_KEYS = ("epoch", "test_accuracy", "train_accuracy", "bits_per_char", "train_bits_per_char", "frechet_distance",
+              "train_d_loss", "class_entropy_bits", "refreshes", "set_pulses", "reset_pulses", "programs_applied")
 #: The tasks' metrics among them (hil/tasks.py: classify, the LSTM's text), as the CLI names them.
-METRIC_KEYS = {"test_accuracy": "test accuracy", "bits_per_char": "bits per character"}
+METRIC_KEYS = {"test_accuracy": "test accuracy", "bits_per_char": "bits per character",
+               "frechet_distance": "Frechet distance"}
 #: summary.json entries that a faithful replay reproduces.
-SUMMARY_KEYS = ("test_accuracy", "baseline_test_accuracy", "bits_per_char", "baseline_bits_per_char", "epochs", "steps",
+SUMMARY_KEYS = ("test_accuracy", "baseline_test_accuracy", "bits_per_char", "baseline_bits_per_char", "frechet_distance",
+                "baseline_frechet_distance", "epochs", "steps",
                 "samples_trained", "programs_applied",
                 "set_pulses", "reset_pulses", "refreshes", "devices_read", "read_calls", "reads_logged",
                 "finished", "response")

@@ -313,3 +313,18 @@ def test_zoo_table_gaps_goals_and_a_network_not_available(tmp_path: Path) -> Non
     assert lines[2].split() == ["GAN", "digits", "Frechet", "dist.", "35.2", "30.5", "+15.4%", "274,465", "49,998",
                                 "15,526", "729"]
     assert lines[3] == "  goal GAN Frechet distance within 25% of float: met (+15.4%)"
+
+
+def test_a_gan_run_replays_with_its_frechet_distance_compared(cache: str, tmp_path: Path) -> None:
+    """pcm-hil replay reproduces a GAN run: every program, and each epoch's Frechet distance and class entropy
+    (the generator's noise is seeded by step, the metric's noise fixed) as logged."""
+    from hil.replay import replay_run
+
+    run = tmp_path / "run"
+    start_run(tiny(cache, **{"update.epochs": 1}), run)
+    seen: list[tuple[dict, dict]] = []
+    replay_run(run, tmp_path / "again", on_epoch=lambda logged, got: seen.append((logged, got)))
+    assert len(seen) == 1
+    logged, got = seen[0]
+    for k in ("frechet_distance", "class_entropy_bits", "train_d_loss"):
+        assert k in logged and got[k] == logged[k], k
