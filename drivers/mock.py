@@ -69,6 +69,16 @@ class MockDriver(ArrayDriver):
         file says which model it holds, and a torch chip comes back on the device type it was saved on."""
         return cls(rows, cols, chip=load_chip(path), **kwargs)
 
+    def restore_lifetime_pulses(self, addresses: npt.ArrayLike, counts: npt.ArrayLike) -> None:
+        """Set the endurance ledger (pulses per device, SET + RESET) of addresses: a resumed run's restored chip
+        gets its checkpoint's counts back, so the lifetime budget is checked against every pulse sent."""
+        a = np.asarray(addresses, np.int64)
+        c = np.asarray(counts, np.int64)
+        if a.shape != c.shape or (a.size and (a.min() < 0 or a.max() >= self.geometry.n_devices)) or (c < 0).any():
+            raise ValueError(f"lifetime counts: {c.size} counts for {a.size} addresses of a "
+                             f"{self.geometry.n_devices}-device chip")
+        self._lifetime_pulses[a] = c
+
     @property
     def identity(self) -> str:
         g = self.geometry

@@ -395,6 +395,10 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
             last_applied = _tester_last_id(inner)
             resource = cfg.driver.resource or inner.identity
             check_program_ids(last_applied, meta.get("tester_last_program_id"), ids, resource)
+        if reapply and "ledger" in arrays:
+            # The restored chip's endurance ledger is the checkpoint's; the roll-forward adds the journaled programs.
+            assert t.array is not None and isinstance(inner, MockDriver)
+            inner.restore_lifetime_pulses(t.array.mapping.addresses, arrays["ledger"])
         rf = roll_forward(t, records, reapply=reapply, last_applied=last_applied)
         if not reapply and "ledger" in arrays:
             aw = t.array

@@ -148,7 +148,13 @@ def test_kill9_resume_mock_chip(tmp_path: Path) -> None:
     run = tmp_path / "run"
     killed = _run_with_kills(["--config", str(cfg), "--out", str(run)], ["--resume", str(run)], run, kills=2, seed=11)
     assert killed >= 1
-    _check_accounting(run, 65 * 52)
+    per_device = _check_accounting(run, 65 * 52)
+    # The restored mock chip keeps its endurance ledger across resumes (the lifetime budget is checked against
+    # it): the final checkpoint's lifetime counts of the mapped devices are every pulse the log's programs sent.
+    _, plus, minus = _applied_programs(run, set())
+    mapped = np.unique(np.concatenate([a.ravel() for a in plus + minus]))
+    with np.load(run / "checkpoint.npz") as z:
+        np.testing.assert_array_equal(z["ledger"], per_device[mapped])
 
 
 @pytest.mark.slow
