@@ -246,3 +246,25 @@ def test_cifar10_corrupt_archive_is_named(tmp_path: Path) -> None:
     one_line_error(lambda: load_cifar10(archive), str(archive))
     archive.write_bytes(b"not an archive at all")
     one_line_error(lambda: load_cifar10(archive), str(archive), ".tar.gz")
+
+
+def test_digits_equal_scikit_learns_and_load_without_importing_it():
+    """The 8x8 digits are read from scikit-learn's own file without its ~2 s import (every digits run and every
+    fresh sweep worker paid it), and are scikit-learn's load_digits exactly."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = load_digits(seed=3)
+    sk = sk_digits()
+    x, y = sk.data.astype(np.float64) / 16.0, sk.target.astype(np.int64)
+    order = np.random.default_rng(3).permutation(len(y))
+    n_test = int(round(len(y) * 0.25))
+    np.testing.assert_array_equal(d.x_test, x[order[:n_test]])
+    np.testing.assert_array_equal(d.x_train, x[order[n_test:]])
+    np.testing.assert_array_equal(d.y_test, y[order[:n_test]])
+    np.testing.assert_array_equal(d.y_train, y[order[n_test:]])
+    code = "import sys; from hil.data import load_digits; load_digits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
