@@ -19,7 +19,7 @@ from .config import ConfigError, RunConfig, config_warnings
 from .data import Dataset
 from .mapping import Mapping
 from .response import ResponseLaw
-from .sizing import check_run_fits
+from .sizing import MOCK_BYTES_PER_DEVICE, TORCH_MOCK_BYTES_PER_DEVICE, check_run_fits
 
 
 @dataclass
@@ -142,7 +142,10 @@ def make_driver(cfg: RunConfig, shapes: list[tuple[int, int]], model: ChipModel)
         return replay
     if d.kind == "mock":
         g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0)
-        check_run_fits(g.n_devices, n_weights(shapes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip")
+        # the torch model on "cpu" keeps float64 state in host memory; on "cuda" the state is on the GPU
+        per_device = TORCH_MOCK_BYTES_PER_DEVICE if d.device == "cpu" else MOCK_BYTES_PER_DEVICE
+        check_run_fits(g.n_devices, n_weights(shapes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip",
+                       chip_bytes_per_device=per_device)
         mock = MockDriver(g.rows, g.cols, params=model.params, seed=d.seed, limits=limits_in_force(cfg),
                           analog_mvm=d.analog_mvm, device=d.device)
         if d.dry_run:

@@ -420,3 +420,25 @@ def test_cuda_model_matches_numpy_and_resumes_exactly(tmp_path: Path) -> None:
     assert np.array_equal(back.read(None, 2e5), tch.read(None, 2e5))
     with pytest.raises(StateFileError, match="cannot continue on cpu"):
         TorchPCMArray.load(tmp_path / "chip.npz", device="cpu")
+
+
+def test_memory_check_counts_the_torch_chips_larger_state(monkeypatch):
+    """The pre-run memory check budgets the torch model's float64 state (36 B/device), not the numpy model's 24 B:
+    a chip that fits as numpy but not as torch is refused in one line before anything is allocated."""
+    import hil.sizing as sizing
+    from hil.chip import chip_model, make_driver
+    from hil.config import ConfigError, validate_config
+
+    shapes = [(64, 16), (16, 10)]
+    rows, cols = 65, 2 * (16 + 10)
+    n = rows * cols
+    # room for the numpy chip and the host side, not for the torch chip's extra 12 B/device
+    room = n * (sizing.HOST_BYTES_PER_DEVICE + sizing.MOCK_BYTES_PER_DEVICE) + sum((i + 1) * o for i, o in shapes) * \
+        sizing.BYTES_PER_WEIGHT + n
+    monkeypatch.setattr(sizing, "available_memory_bytes", lambda: room)
+    base = {"data": {"name": "digits"}, "network": {"hidden": [16]}}
+    cfg = validate_config(base)
+    make_driver(cfg, shapes, chip_model(cfg)).close()
+    cfg = validate_config({**base, "driver": {"device": "cpu"}})
+    with pytest.raises(ConfigError, match="simulated chip needs about"):
+        make_driver(cfg, shapes, chip_model(cfg))
