@@ -337,6 +337,14 @@ def _train_and_finish(s: Session, cfg: RunConfig, data: Dataset, run_dir: Path, 
     return summary
 
 
+def _summary_finished(run_dir: Path) -> bool:
+    """summary.json is there and says the run finished (written last, atomically, once everything else is)."""
+    try:
+        return bool(json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8")).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | None = None, baseline: bool = False,
                progress: ProgressFn | None = None, stop_after_steps: int | None = None,
                progress_every: int = 200, notify: NotifyFn | None = None, baseline_progress: ProgressFn | None = None,
@@ -362,7 +370,9 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
         raise CheckpointError("the checkpoint was written with another config; resume with the run's own config.toml")
     records = read_journal(run_dir / meta["journal"])
     ids = journaled_program_ids(records)
-    if meta["position"]["epoch"] >= cfg.update.epochs and not records:
+    if meta["position"]["epoch"] >= cfg.update.epochs and not records and _summary_finished(run_dir):
+        # (trained to the end but killed before summary.json was written, e.g. during the baseline: the resume
+        # below finishes it, training nothing more)
         raise RunFinished(f"{run_dir} is finished ({cfg.update.epochs} epochs trained); nothing to resume, "
                           "nothing changed")
     if cfg.logging.enabled and (run_dir / LOG_FILE).exists():

@@ -206,6 +206,24 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(stopped_run: Path,
     assert _snapshot(run) == before
 
 
+def test_resume_of_a_run_killed_before_its_summary_finishes_it(stopped_run: Path, tmp_path: Path) -> None:
+    """Trained to the end but killed before summary.json was written (the window holds the baseline's whole
+    training with --baseline): --resume writes the summary, training nothing more; then it is finished."""
+    run = _copy(stopped_run, tmp_path)
+    rc, out = _cli("train", "--resume", str(run))
+    assert rc == 0, out
+    first = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    rc, out = _cli("train", "--resume", str(run))
+    assert rc == 0 and "is finished" not in out, out
+    again = json.loads((run / "summary.json").read_text())
+    assert again["finished"] is True
+    for key in ("samples_trained", "steps", "epochs", "test_accuracy", "set_pulses", "reset_pulses", "refreshes"):
+        assert again[key] == first[key], key
+    rc, out = _cli("train", "--resume", str(run))
+    assert rc == 0 and "is finished" in out
+
+
 def _train(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hil.cli", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"), **kw)
