@@ -21,7 +21,6 @@ listed in `Estimate.not_counted`, and the rest is reported.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from drivers.runlog import RunLogError, RunLogReader
+from sim.files import TomlFileError, read_toml
 from drivers.runlog.schema import ARRAYS
 
 from .runs import AnalysisError, _config, _json_attr, _summary, _text, find_log, open_log, writer_alive
@@ -151,16 +151,9 @@ def _parse_entries(data: dict[str, Any], where: str, known: dict[str, Entry] | N
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise EnergyTableError(f"no energy table at {path}") from None
-    except IsADirectoryError:
-        raise EnergyTableError(f"{path} is a folder, not an energy table (TOML)") from None
-    except OSError as e:
-        raise EnergyTableError(f"cannot read the energy table {path}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise EnergyTableError(f"energy table {path} is not valid TOML: {' '.join(str(e).split())}") from None
+        return read_toml(path, "energy table")
+    except TomlFileError as e:
+        raise EnergyTableError(str(e)) from None
 
 
 def load_table(path: str | Path | None = None) -> dict[str, Entry]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -15,6 +14,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from drivers import PulseShapes, SafetyLimits, SafetyViolation
+from sim.files import TomlFileError, read_toml
 
 
 class ConfigError(ValueError):
@@ -358,19 +358,11 @@ def validate_config(data: dict[str, Any], source: str = "") -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Load and validate a run config TOML file."""
-    p = Path(path)
     try:
-        with open(p, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"no run config at {p}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p} is a directory, not a run config file") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read the run config {p}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p} is not valid TOML: {e}") from None
-    return validate_config(data, str(p))
+        data = read_toml(path, "run config file")
+    except TomlFileError as e:
+        raise ConfigError(str(e)) from None
+    return validate_config(data, str(Path(path)))
 
 
 def config_warnings(cfg: RunConfig) -> list[str]:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,28 @@ def read_npz(source: str | os.PathLike[str] | bytes) -> tuple[dict[str, Any], di
     if not isinstance(meta, dict):
         raise ValueError("the archive's header is not a JSON object")
     return meta, arrays
+
+
+class TomlFileError(ValueError):
+    """A TOML file that is missing, a folder, unreadable or not TOML; the message is one line naming it."""
+
+
+def read_toml(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The parsed TOML file at path; what names it in the one-line TomlFileError ("run config file")."""
+    return read_toml_text(path, what)[1]
+
+
+def read_toml_text(path: str | os.PathLike[str], what: str) -> tuple[str, dict[str, Any]]:
+    """The TOML file at path as its text (UTF-8) and parsed; TomlFileError as read_toml."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        return text, tomllib.loads(text)
+    except FileNotFoundError:
+        raise TomlFileError(f"no {what} at {p}") from None
+    except IsADirectoryError:
+        raise TomlFileError(f"{p} is a directory, not a {what}") from None
+    except OSError as e:
+        raise TomlFileError(f"cannot read the {what} {p}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TomlFileError(f"{what} {p} is not valid TOML: {' '.join(str(e).split())}") from None
