@@ -15,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from sim import PCMArray, PCMParams, StateFileError
+from sim import PCMArray, PCMParams
+from sim.model import read_state_bytes
 
 from .base import MVM, ArrayDriver
 from .errors import DriverError
@@ -150,12 +151,7 @@ class MockDriver(ArrayDriver):
 
 def load_chip(path: str | Path) -> Any:
     """The chip saved at path: a PCMArray, or a TorchPCMArray when the file holds the torch model's state."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise StateFileError(f"no chip state file at {path}") from None
-    except OSError as e:
-        raise StateFileError(f"cannot read chip state {path}: {e}") from e
+    data = read_state_bytes(path)
     if _state_format(data) == "pcm-hil-sim-torch-state":
         return _torch_chip(lambda m: m.TorchPCMArray.from_bytes(data, str(path)), f"the chip saved at {path}")
     return PCMArray.from_bytes(data, str(path))

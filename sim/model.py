@@ -299,12 +299,7 @@ class PCMArray:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PCMArray:
         """Load a chip saved by save(); it continues exactly as the saved one would have."""
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise StateFileError(f"no chip state file at {path}") from None
-        except OSError as e:
-            raise StateFileError(f"cannot read chip state {path}: {e}") from e
+        data = read_state_bytes(path)
         return cls.from_bytes(data, str(path))
 
     @classmethod
@@ -432,3 +427,13 @@ def _counts(counts: IntArray, n: int) -> npt.NDArray[np.int64]:
         i = int(np.argmin(c))
         raise PulseCountError(f"negative SET pulse count {int(c[i])} at position {i}")
     return c.astype(np.int64, copy=False)
+
+
+def read_state_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a saved chip state file; StateFileError (one line naming the file) if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise StateFileError(f"no chip state file at {path}") from None
+    except OSError as e:
+        raise StateFileError(f"cannot read chip state {path}: {e}") from e

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 
 from .errors import PulseCountError, SimError, StateFileError
 from .files import npz_bytes, read_npz, write_atomic
-from .model import PCMArray, _check_time, _counts
+from .model import PCMArray, _check_time, _counts, read_state_bytes
 from .params import PCMParams
 
 STATE_FORMAT = "pcm-hil-sim-torch-state"
@@ -264,12 +263,7 @@ class TorchPCMArray:
         device: where to put it (default: the device type it was saved on; another type is refused, since a
         CPU generator's state cannot continue on CUDA or back).
         """
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise StateFileError(f"no chip state file at {path}") from None
-        except OSError as e:
-            raise StateFileError(f"cannot read chip state {path}: {e}") from e
+        data = read_state_bytes(path)
         return cls.from_bytes(data, str(path), device=device)
 
     @classmethod
