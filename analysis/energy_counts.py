@@ -148,6 +148,7 @@ class Counts:
     skipped_programs: dict[str, int] = field(default_factory=dict)
     not_counted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    devices_per_weight: int = 2  # G+ and G-, times mapping.devices_per_polarity
 
     def training_reads(self) -> ReadClass:
         out = ReadClass()
@@ -167,7 +168,7 @@ class Counts:
                 "programs": {k: v.as_dict() for k, v in self.programs.items()},
                 "reads": {k: v.as_dict() for k, v in self.reads.items()},
                 "mean_g_us": self.mean_g_us, "measured_us_per_sample": self.measured_us_per_sample,
-                "skipped_programs": self.skipped_programs}
+                "skipped_programs": self.skipped_programs, "devices_per_weight": self.devices_per_weight}
 
 
 def _layer_shapes(r: RunLogReader, attrs: dict[str, Any], not_counted: list[str]) -> list[tuple[str, int, int]]:
@@ -474,5 +475,6 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
     if measured is None:
         not_counted.append("measured wall time: summary.json has none for this run (killed, live or unfinished)")
     epochs_done = samples / samples_per_epoch if samples_per_epoch else None
+    copies = int(cfg.get("mapping", {}).get("devices_per_polarity", 1))
     return Counts(run_dir, state, kind, batch, steps, samples, samples_per_epoch, epochs_done, layers, programs, reads,
-                  mean_g, measured, skipped, not_counted, notes)
+                  mean_g, measured, skipped, not_counted, notes, 2 * copies)

@@ -177,17 +177,20 @@ def _devices(r: RunLogReader, notes: list[str]) -> _Devices:
     pairs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # layer, i, j, G+, G-
     if "mapping/table" in names:
         t = r.array("mapping/table").astype(np.int64)
-        if t.ndim == 2 and t.shape[1] >= 5:
+        if t.ndim == 2 and t.shape[1] >= 5 and (t.shape[1] - 3) % 2 == 0:
+            k = (t.shape[1] - 3) // 2  # devices per polarity: G+ copies, then G- copies
             for layer in np.unique(t[:, 0]):
                 s = t[t[:, 0] == layer]
-                pairs.append((int(layer), s[:, 1], s[:, 2], s[:, 3], s[:, 4]))
+                for c in range(k):
+                    pairs.append((int(layer), s[:, 1], s[:, 2], s[:, 3 + c], s[:, 3 + k + c]))
     if not pairs:
         i = 0
         while f"mapping/layer{i}_gplus" in names and f"mapping/layer{i}_gminus" in names:
             gp = r.array(f"mapping/layer{i}_gplus").astype(np.int64)
             gm = r.array(f"mapping/layer{i}_gminus").astype(np.int64)
-            wi, wj = np.indices(gp.shape)
-            pairs.append((i, wi.ravel(), wj.ravel(), gp.ravel(), gm.ravel()))
+            for cp, cm in zip(gp.reshape(-1, *gp.shape[-2:]), gm.reshape(-1, *gm.shape[-2:]), strict=True):
+                wi, wj = np.indices(cp.shape)  # (a layer with several devices per polarity: one copy at a time)
+                pairs.append((i, wi.ravel(), wj.ravel(), cp.ravel(), cm.ravel()))
             i += 1
     if not pairs:
         notes.append("the log has no weight mapping (mapping/table): layer, weight_row and weight_col are -1, "

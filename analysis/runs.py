@@ -114,7 +114,8 @@ class FullRead:
 
 @dataclass
 class Layer:
-    """A layer's place on the array: weight (i, j) is beta * (G[plus[i, j]] - G[minus[i, j]])."""
+    """A layer's place on the array: weight (i, j) is beta * (G[plus[i, j]] - G[minus[i, j]]); with several
+    devices per polarity plus and minus are (copies, rows, cols) and the copies' conductances add up."""
 
     index: int
     name: str
@@ -123,7 +124,11 @@ class Layer:
     minus: npt.NDArray[np.int64]
 
     def weights(self, g_us: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
-        return self.beta * (g_us[self.plus].astype(np.float64) - g_us[self.minus].astype(np.float64))
+        """The layer's weights (fan_in + 1, fan_out) from conductances g_us (uS) of every device."""
+        gp, gm = g_us[self.plus].astype(np.float64), g_us[self.minus].astype(np.float64)
+        if self.plus.ndim == 3:
+            gp, gm = gp.sum(axis=0), gm.sum(axis=0)
+        return self.beta * (gp - gm)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from drivers import ArrayDriver, Block, PulseProgram, PulseShapes, ReadResult
 from sim import PCMParams
 
 from .config import ReadPolicyConfig, RefreshConfig
-from .mapping import Mapping
+from .mapping import LayerMap, Mapping
 from .analog import WeightSource
 from .network import Factors, accumulate, accumulate_rows
 from .response import ResponseEstimator, ResponseLaw, extend_table
@@ -89,8 +89,8 @@ class PlannedPulses:
 
     widx: np.ndarray            # flat weight indices pulsed, program order
     signed: np.ndarray          # int64 SET pulses, + on G+, - on G-
-    plus: np.ndarray            # the weights' G+ addresses
-    minus: np.ndarray           # the weights' G- addresses
+    plus: np.ndarray            # the weights' G+ addresses ((copies, weights) with several devices per polarity)
+    minus: np.ndarray           # the weights' G- addresses, likewise
     eps: float | np.ndarray     # each weight's eps (one float when one layer pulses)
     beta: float | np.ndarray    # each weight's beta, likewise
 
@@ -160,12 +160,16 @@ class ArrayWeights:
         self._chi_flat, self.chi = flat(np.float64)
         # Net SET pulses of update programs per weight (G+ minus G-): chi's ledger, checked by the tests.
         self._net_flat, self.net_pulses = flat(np.int64)
-        # Each weight's G+ and G- addresses in the same flat order (the mapping never changes).
-        self._plus_flat, plus_views = flat(np.int64)
-        self._minus_flat, minus_views = flat(np.int64)
-        for lm, pv, mv in zip(mapping.layers, plus_views, minus_views, strict=True):
-            pv[:] = lm.plus
-            mv[:] = lm.minus
+        # Each weight's G+ and G- addresses in the same flat order, (copies, flat) with mapping.copies devices per
+        # polarity (the mapping never changes).
+        self.copies = mapping.copies
+        self._plus_cp = np.zeros((self.copies, size), np.int64)
+        self._minus_cp = np.zeros((self.copies, size), np.int64)
+        for lm, off in zip(mapping.layers, self._offsets, strict=True):
+            n = lm.shape[0] * lm.shape[1]
+            self._plus_cp[:, off:off + n] = lm.plus_copies
+            self._minus_cp[:, off:off + n] = lm.minus_copies
+        self._plus_flat, self._minus_flat = self._plus_cp[0], self._minus_cp[0]
         self.counters = Counters()
         self.step = 0
         # Audit (tests): the float64 sum of every update ever accumulated; chi + eps * net_pulses must equal it.
@@ -196,8 +200,24 @@ class ArrayWeights:
         """Read addresses (None: every mapped device) and bring the host copy and weights up to date."""
         addr = self.mapping.addresses if addresses is None else addresses
         with self._reason(reason):
-            r = self.driver.read(addr)
+            r = self._averaged(self.driver.read(addr))
         return self._took_read(r, addresses)
+
+    def _averaged(self, first: ReadResult) -> ReadResult:
+        """first and read_policy.average - 1 more reads of its addresses, averaged (float64, uS); t_s the last's."""
+        k = self.read_policy.average
+        if k == 1:
+            return first
+        acc = first.conductances_us.astype(np.float64)
+        t = first.t_s
+        for _ in range(k - 1):
+            r = self.driver.read(first.addresses)
+            acc += r.conductances_us
+            t = r.t_s
+            self.counters.read_calls += 1
+            self.counters.devices_read += int(r.addresses.size)
+        acc /= k
+        return ReadResult(first.addresses, acc, t)
 
     def _took_read(self, r: ReadResult, addresses: np.ndarray | None) -> ReadResult:
         """Book a read of addresses (None: every mapped device): counters, host copy of G, weights."""
@@ -209,19 +229,30 @@ class ArrayWeights:
         else:
             self._dirty.append(r.addresses)
         if addresses is None:
-            for lm, w in zip(self.mapping.layers, self.w, strict=True):
-                np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)
-                w *= lm.beta
+            self.weights_from_g()
         elif self._planned is not None and addresses is self._planned[0].addresses:
             self._refresh_planned_weights(self._planned[1])
         else:
             self._refresh_weights(r.addresses)
         return r
 
+    def weights_from_g(self) -> None:
+        """Every weight from the host copy of G: w = beta * (G+ - G-) (summed over the copies of each polarity)."""
+        for lm, w in zip(self.mapping.layers, self.w, strict=True):
+            if lm.copies == 1:
+                np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)
+            else:
+                np.subtract(self.g[lm.plus].sum(axis=0), self.g[lm.minus].sum(axis=0), out=w)
+            w *= lm.beta
+
     def _refresh_planned_weights(self, planned: PlannedPulses) -> None:
         g = self.g
-        d = g[planned.plus]
-        d -= g[planned.minus]
+        if planned.plus.ndim == 1:
+            d = g[planned.plus]
+            d -= g[planned.minus]
+        else:  # the same sums over the copies as weights_from_g's
+            d = g[planned.plus].sum(axis=0)
+            d -= g[planned.minus].sum(axis=0)
         self._w_flat[planned.widx] = planned.beta * d
 
     def _refresh_weights(self, addresses: np.ndarray) -> None:
@@ -229,8 +260,14 @@ class ArrayWeights:
         layer = m.layer_of[addresses]
         for lm, w in zip(m.layers, self.w, strict=True):
             widx = m.weight_of[addresses[layer == lm.index]]
-            if widx.size:
+            if not widx.size:
+                continue
+            if lm.copies == 1:
                 w.flat[widx] = lm.beta * (self.g[lm.plus.flat[widx]] - self.g[lm.minus.flat[widx]])
+            else:
+                widx = _sorted_unique(widx)  # several copies of one weight may have been read
+                gp = self.g[lm.plus_copies[:, widx]].sum(axis=0)
+                w.flat[widx] = lm.beta * (gp - self.g[lm.minus_copies[:, widx]].sum(axis=0))
 
     # ------------------------------------------------------------------ programs
     def _new_program(self, addresses: np.ndarray, counts: np.ndarray, reset: np.ndarray) -> PulseProgram:
@@ -255,7 +292,7 @@ class ArrayWeights:
         g0, k = self.g[p.addresses], self.since_reset[p.addresses]
         # One operation (one round trip on a tester with PROG:APPL:READ?), booked as apply, account, read were.
         with self._reason(read_reason):
-            r = self.driver.apply_and_read(p)
+            r = self._averaged(self.driver.apply_and_read(p))
         self.account(rec, k)
         self._took_read(r, p.addresses)
         if p.reset_pulses == 0:
@@ -288,9 +325,9 @@ class ArrayWeights:
         if rec.kind == UPDATE:
             self.settle(p)
         elif rec.kind == REFRESH:
-            # A refresh RESETs both devices of each pair (a verify top-up RESETs none): booked per program, so
+            # A refresh RESETs every device of each weight (a verify top-up RESETs none): booked per program, so
             # a resume's roll-forward counts the refreshes of its window as the live run did.
-            self.counters.refreshes += p.reset_pulses // 2
+            self.counters.refreshes += p.reset_pulses // (2 * self.copies)
 
     def settle(self, program: PulseProgram) -> None:
         """chi -= sign * n * eps for each weight an update program pulsed (G+: sign +1, G-: sign -1)."""
@@ -364,8 +401,15 @@ class ArrayWeights:
         np.minimum(counts, self.max_pulses, out=counts)
         counts = counts.astype(np.int64)
         pos = self._chi_flat[widx] > 0
-        plus, minus = self._plus_flat[widx], self._minus_flat[widx]
-        addr = np.where(pos, plus, minus)
+        if self.copies == 1:
+            plus, minus = self._plus_flat[widx], self._minus_flat[widx]
+            addr = np.where(pos, plus, minus)
+        else:
+            # the polarity's device of lowest conductance (host copy) takes the pulses: the copies share the
+            # weight's SETs and the one with the most headroom goes first (ties: the first copy)
+            plus, minus = self._plus_cp[:, widx], self._minus_cp[:, widx]
+            cand = np.where(pos, plus, minus)
+            addr = cand[np.argmin(self.g[cand], axis=0), np.arange(widx.size)]
         reset = np.zeros(addr.size, np.bool_)
         # Fresh arrays nothing else writes: read-only already, PulseProgram keeps them instead of copying.
         addr.flags.writeable = counts.flags.writeable = reset.flags.writeable = False
@@ -375,12 +419,15 @@ class ArrayWeights:
 
     # ------------------------------------------------------------------ initial programming and refresh
     def program_pairs(self, layer: int, widx: np.ndarray, target_w: np.ndarray) -> PulseProgram:
-        """RESET both devices of the pairs and SET the weight's magnitude onto one device, open loop."""
+        """RESET every device of the weights and SET the weight's magnitude onto its polarity's devices (shared
+        equally among the copies), open loop."""
         lm = self.mapping.layers[layer]
-        dg = np.abs(target_w) / lm.beta
-        counts = open_loop_counts(dg, self.mean_response_us, self.driver.limits.max_set_pulses_per_device)
-        plus, minus = lm.plus.flat[widx], lm.minus.flat[widx]
+        plus, minus = lm.plus_copies[:, widx].ravel(), lm.minus_copies[:, widx].ravel()
         pos = target_w > 0
+        dg = np.abs(target_w) / (lm.beta * lm.copies)
+        counts = open_loop_counts(dg, self.mean_response_us, self.driver.limits.max_set_pulses_per_device)
+        if lm.copies > 1:
+            pos, counts = np.tile(pos, lm.copies), np.tile(counts, lm.copies)
         addr = np.concatenate([plus, minus])
         cnt = np.concatenate([np.where(pos, counts, 0), np.where(pos, 0, counts)])
         return self._new_program(addr, cnt, np.ones(addr.size, np.bool_))
@@ -514,7 +561,7 @@ class ArrayWeights:
             if widx.size == 0:
                 continue
             # A weight past the threshold itself is reprogrammed just below it, or it would refresh forever.
-            cap = 0.9 * self.refresh_cfg.threshold_us * lm.beta
+            cap = 0.9 * self.refresh_cfg.threshold_us * lm.beta * lm.copies
             target = np.clip(self.w[lm.index].flat[widx], -cap, cap)
             prog = self.program_pairs(lm.index, widx, target)
             self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify" if verify else "after-program")
@@ -527,6 +574,9 @@ class ArrayWeights:
         lm = self.mapping.layers[layer]
         gran = max(float(np.mean(np.diff(self.mean_response_us[:21]))), 1e-6)
         pos = target_w > 0
+        if lm.copies > 1:
+            self._verify_copies(lm, widx, target_w, gran)
+            return
         dev = np.where(pos, lm.plus.flat[widx], lm.minus.flat[widx])
         other = np.where(pos, lm.minus.flat[widx], lm.plus.flat[widx])
         goal = self.g[other] + np.abs(target_w) / lm.beta
@@ -539,15 +589,41 @@ class ArrayWeights:
             prog = self._new_program(dev[need], cnt, np.zeros(int(need.sum()), np.bool_))
             self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify")
 
+    def _verify_copies(self, lm: LayerMap, widx: np.ndarray, target_w: np.ndarray, gran: float) -> None:
+        """_verify with several devices per polarity: each round, a weight short of its target by more than the
+        tolerance (summed over its polarity's copies, uS) gets the shortfall on its polarity's lowest copy."""
+        pos = target_w > 0
+        cand = np.where(pos, lm.plus_copies[:, widx], lm.minus_copies[:, widx])
+        w = self.w[lm.index]
+        for _ in range(self.refresh_cfg.verify_rounds - 1):
+            short = (np.abs(target_w) - np.where(pos, 1.0, -1.0) * w.flat[widx]) / lm.beta
+            need = short > self.refresh_cfg.verify_tolerance_us
+            if not need.any():
+                return
+            c = cand[:, need]
+            dev = c[np.argmin(self.g[c], axis=0), np.arange(c.shape[1])]
+            cnt = np.clip(np.round(short[need] / gran), 1, self.max_pulses).astype(np.int64)
+            prog = self._new_program(dev, cnt, np.zeros(dev.size, np.bool_))
+            self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify")
+
 
 class ArrayProducts(WeightSource):
-    """Products from the chip's analog multiply (capability MVM): W = beta * (G+ - G-), inputs as volts."""
+    """Products from the chip's analog multiply (capability MVM): W = beta * (G+ - G-), inputs as volts; with
+    several devices per polarity, the sums of their blocks' products."""
 
-    def __init__(self, driver: ArrayDriver, plus: Block, minus: Block, beta: float) -> None:
-        self.driver, self.plus, self.minus, self.beta = driver, plus, minus, beta
+    def __init__(self, driver: ArrayDriver, plus: tuple[Block, ...], minus: tuple[Block, ...], beta: float) -> None:
+        self.driver, self.plus, self.minus, self.beta = driver, tuple(plus), tuple(minus), beta
 
     def product(self, a: np.ndarray) -> np.ndarray:
-        return self.beta * (self.driver.mvm(self.plus, a) - self.driver.mvm(self.minus, a))
+        return self.beta * (_block_sum(self.driver.mvm, self.plus, a) - _block_sum(self.driver.mvm, self.minus, a))
 
     def product_t(self, d: np.ndarray) -> np.ndarray:
-        return self.beta * (self.driver.mvm_t(self.plus, d) - self.driver.mvm_t(self.minus, d))
+        mvm_t = self.driver.mvm_t
+        return self.beta * (_block_sum(mvm_t, self.plus, d) - _block_sum(mvm_t, self.minus, d))
+
+
+def _block_sum(mvm: Callable[[Block, np.ndarray], np.ndarray], blocks: tuple[Block, ...], x: np.ndarray) -> np.ndarray:
+    out = mvm(blocks[0], x)
+    for b in blocks[1:]:
+        out = out + mvm(b, x)
+    return out

@@ -192,11 +192,16 @@ class MappingConfig(_Strict):
     """How weights sit on the array: W = beta * (G+ - G-), one device pair per weight, bias as an extra row."""
 
     beta: list[Annotated[float, Field(gt=0, le=1000)]] | None = Field(
-        None, description="Weight units per uS, one per layer; default: w_max / g_range_us per layer.")
+        None, description="Weight units per uS, one per layer; default: w_max / (g_range_us * devices_per_polarity).")
     w_max: list[Annotated[float, Field(gt=0, le=1000)]] = Field([0.5, 1.0], description="Largest |weight| per layer (used for the default beta); the last value repeats.")
     g_range_us: float = Field(8.0, gt=0, le=1000, description="Usable conductance range of one device, uS.")
     row0: Int = Field(0, ge=0, description="First array row used.")
     col0: Int = Field(0, ge=0, description="First array column used.")
+    devices_per_polarity: Int = Field(
+        1, ge=1, le=16, description="Devices per polarity of each weight, W = beta * sum_k (G+_k - G-_k) (a "
+                                    "multi-memristive synapse): each update pulse goes to the polarity's device of "
+                                    "lowest conductance, so write and read noise per unit of weight fall as "
+                                    "1 / sqrt(N) (docs/training.md).")
 
 
 class UpdateConfig(_Strict):
@@ -223,6 +228,8 @@ class ReadPolicyConfig(_Strict):
     after_program: Bool = Field(True, description="Read back every device right after it is programmed.")
     every_steps: Int = Field(10_000, ge=0, description="Read the whole mapped array every K steps (drift); 0: never.")
     before_evaluation: Bool = Field(True, description="Read the whole mapped array before each evaluation.")
+    average: Int = Field(1, ge=1, le=64, description="Reads averaged into the host copy each time devices are read "
+                                                   "(read noise std / sqrt(average); each read is logged).")
 
 
 class RefreshConfig(_Strict):
@@ -309,6 +316,11 @@ class RunConfig(_Strict):
                 net.pop(k, None)
             if data["update"].get("torch_threads") == 1:
                 data["update"].pop("torch_threads")
+        # came later: the runs made before them keep their digest
+        if data["read_policy"].get("average") == 1:
+            data["read_policy"].pop("average")
+        if data["mapping"].get("devices_per_polarity") == 1:
+            data["mapping"].pop("devices_per_polarity")
         return hashlib.sha256(tomli_w.dumps(data).encode()).hexdigest()
 
     def with_overrides(self, **dotted: Any) -> RunConfig:

@@ -1,7 +1,9 @@
-"""Where each layer's weights sit on the array: one device pair (G+, G-) per weight, W = beta * (G+ - G-).
+"""Where each layer's weights sit on the array: a device pair (G+, G-) per weight, W = beta * (G+ - G-).
 
 A layer with fan_in inputs and fan_out outputs takes (fan_in + 1) rows (the last is the bias row,
 driven by an always-on input) and 2 * fan_out columns: G+ in the left block, G- in the right one.
+With N devices per polarity (a multi-memristive synapse, Boybat et al., Nat. Commun. 9, 2514, 2018)
+W = beta * sum_k (G+_k - G-_k), and the layer takes 2 * N * fan_out columns: N G+ blocks, then N G- blocks.
 Layers sit side by side from (row0, col0); one that does not fit beside the previous ones starts a new
 band of rows below them. A conv layer is a (in_channels * kh * kw + 1) x out_channels matrix. Addresses are flat: row * cols + col.
 """
@@ -27,7 +29,11 @@ class MappingError(ValueError):
 
 @dataclass(frozen=True)
 class LayerMap:
-    """One layer's place on the array and its scale; plus[r, c] / minus[r, c] are flat device addresses."""
+    """One layer's place on the array and its scale; plus[r, c] / minus[r, c] are flat device addresses.
+
+    With copies = N > 1 devices per polarity, plus and minus are (N, fan_in + 1, fan_out) and plus_block /
+    minus_block the first copy's blocks (plus_blocks / minus_blocks all of them).
+    """
 
     index: int
     fan_in: int
@@ -37,11 +43,24 @@ class LayerMap:
     minus_block: Block
     plus: np.ndarray
     minus: np.ndarray
+    copies: int = 1
+    plus_blocks: tuple[Block, ...] = ()
+    minus_blocks: tuple[Block, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
         """(fan_in + 1, fan_out): the weight matrix with its bias row."""
         return (self.fan_in + 1, self.fan_out)
+
+    @property
+    def plus_copies(self) -> np.ndarray:
+        """G+ addresses as (copies, weights): copy k of flat weight j at [k, j]."""
+        return self.plus.reshape(self.copies, -1)
+
+    @property
+    def minus_copies(self) -> np.ndarray:
+        """G- addresses as (copies, weights)."""
+        return self.minus.reshape(self.copies, -1)
 
 
 def _block_addresses(block: Block, cols: int) -> np.ndarray:
@@ -67,16 +86,22 @@ class Mapping:
         a.flags.writeable = False
         return a
 
-    @staticmethod
-    def required_geometry(sizes: list[int], row0: int = 0, col0: int = 0) -> Geometry:
-        """Smallest array that holds a network with these layer sizes (inputs, hidden..., outputs)."""
-        return Mapping.geometry_for(shapes_of(sizes), row0, col0)
+    @property
+    def copies(self) -> int:
+        """Devices per polarity of every weight (1: one pair per weight)."""
+        return self.layers[0].copies if self.layers else 1
 
     @staticmethod
-    def geometry_for(shapes: list[tuple[int, int]], row0: int = 0, col0: int = 0) -> Geometry:
-        """Smallest array that holds layers of these (fan_in, fan_out) side by side (a simulated chip's size)."""
+    def required_geometry(sizes: list[int], row0: int = 0, col0: int = 0, copies: int = 1) -> Geometry:
+        """Smallest array that holds a network with these layer sizes (inputs, hidden..., outputs)."""
+        return Mapping.geometry_for(shapes_of(sizes), row0, col0, copies)
+
+    @staticmethod
+    def geometry_for(shapes: list[tuple[int, int]], row0: int = 0, col0: int = 0, copies: int = 1) -> Geometry:
+        """Smallest array that holds layers of these (fan_in, fan_out) side by side (a simulated chip's size),
+        copies devices per polarity."""
         rows = row0 + max(i + 1 for i, _ in shapes)
-        cols = col0 + sum(2 * o for _, o in shapes)
+        cols = col0 + sum(2 * copies * o for _, o in shapes)
         return Geometry(rows, cols)
 
     @classmethod
@@ -86,9 +111,12 @@ class Mapping:
 
     @classmethod
     def build_layers(cls, shapes: list[tuple[int, int]], betas: list[float], geometry: Geometry, row0: int = 0,
-                     col0: int = 0, names: list[str] | None = None) -> Mapping:
-        """Place layers of these (fan_in, fan_out) side by side from (row0, col0); a layer that does not fit beside
-        the previous ones starts a new band of rows below them. MappingError names the first layer that does not fit."""
+                     col0: int = 0, names: list[str] | None = None, copies: int = 1) -> Mapping:
+        """Place layers of these (fan_in, fan_out) side by side from (row0, col0), copies devices per polarity; a
+        layer that does not fit beside the previous ones starts a new band of rows below them. MappingError names
+        the first layer that does not fit."""
+        if copies < 1:
+            raise MappingError(f"devices per polarity must be at least 1, not {copies}")
         names = names if names is not None else [str(i) for i in range(len(shapes))]
         n = geometry.n_devices
         layer_of = np.full(n, -1, np.int16)
@@ -97,33 +125,46 @@ class Mapping:
         layers = []
         row, col, band = row0, col0, 0
         for i, (fan_in, fan_out) in enumerate(shapes):
-            h, w = fan_in + 1, 2 * fan_out
+            h, w = fan_in + 1, 2 * copies * fan_out
             if col + w > geometry.cols and col > col0:
                 row, col, band = row + band, col0, 0
             if row + h > geometry.rows or col + w > geometry.cols:
-                need = cls.geometry_for(shapes, row0, col0)
-                desc = ", ".join(f"{nm} {a + 1}x{2 * b}" for nm, (a, b) in zip(names, shapes, strict=True))
+                need = cls.geometry_for(shapes, row0, col0, copies)
+                desc = ", ".join(f"{nm} {a + 1}x{2 * copies * b}" for nm, (a, b) in zip(names, shapes, strict=True))
                 raise MappingError(f"layer {names[i]} ({h} rows x {w} columns of devices) does not fit on the "
                                    f"{geometry.rows} x {geometry.cols} array from row {row}, col {col}; the network "
                                    f"({desc}) needs a {need.rows} x {need.cols} array side by side "
                                    f"(from row {row0}, col {col0})")
-            pb = Block(row, h, col, fan_out)
-            mb = Block(row, h, col + fan_out, fan_out)
-            plus, minus = _block_addresses(pb, geometry.cols), _block_addresses(mb, geometry.cols)
-            widx = np.arange(plus.size, dtype=np.int64)
+            pbs = tuple(Block(row, h, col + k * fan_out, fan_out) for k in range(copies))
+            mbs = tuple(Block(row, h, col + (copies + k) * fan_out, fan_out) for k in range(copies))
+            plus = np.stack([_block_addresses(b, geometry.cols) for b in pbs])
+            minus = np.stack([_block_addresses(b, geometry.cols) for b in mbs])
+            if copies == 1:
+                plus, minus = plus[0], minus[0]
+            widx = np.tile(np.arange(h * fan_out, dtype=np.int64), copies)
             for addr, s in ((plus, 1), (minus, -1)):
                 layer_of[addr.ravel()] = i
                 weight_of[addr.ravel()] = widx
                 sign_of[addr.ravel()] = s
-            layers.append(LayerMap(i, fan_in, fan_out, float(betas[i]), pb, mb, plus, minus))
+            layers.append(LayerMap(i, fan_in, fan_out, float(betas[i]), pbs[0], mbs[0], plus, minus, copies, pbs, mbs))
             col += w
             band = max(band, h)
         return cls(geometry, tuple(layers), layer_of, weight_of, sign_of)
 
     def table(self) -> np.ndarray:
-        """The mapping as an int64 array, one row per device pair: layer, row, col, G+ address, G- address."""
+        """The mapping as an int64 array, one row per weight: layer, row, col, G+ address(es), G- address(es)
+        (table_columns() names them)."""
         rows = []
         for lm in self.layers:
             r, c = np.indices(lm.shape)
-            rows.append(np.stack([np.full(r.size, lm.index), r.ravel(), c.ravel(), lm.plus.ravel(), lm.minus.ravel()], 1))
+            rows.append(np.stack([np.full(r.size, lm.index), r.ravel(), c.ravel(), *lm.plus_copies,
+                                  *lm.minus_copies], 1))
         return np.concatenate(rows).astype(np.int64)
+
+    def table_columns(self) -> str:
+        """The names of table()'s columns, comma-separated."""
+        if self.copies == 1:
+            return "layer, weight_row, weight_col, gplus_address, gminus_address"
+        n = range(self.copies)
+        return ", ".join(["layer", "weight_row", "weight_col", *(f"gplus{k}_address" for k in n),
+                          *(f"gminus{k}_address" for k in n)])

@@ -58,9 +58,7 @@ def restore(trainer: Trainer, meta: dict[str, Any], arrays: dict[str, np.ndarray
                 p.copy_(torch.from_numpy(arrays[f"digital.{name}"]))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint arrays do not fit this network: {e}") from None
-    for lm, w in zip(aw.mapping.layers, aw.w, strict=True):
-        np.subtract(aw.g[lm.plus], aw.g[lm.minus], out=w)
-        w *= lm.beta
+    aw.weights_from_g()
     trainer.at = Position(**meta["position"])
     aw.next_program_id = int(meta["next_program_id"])
     for k, v in meta["counters"].items():
@@ -122,9 +120,7 @@ def _recompute_step(trainer: Trainer, meta: dict[str, Any], arr: dict[str, np.nd
         raise JournalError("a recompute record refers to the previous record's program, and there is none")
     if addr.size:
         aw.g[addr] = arr["g_val"]
-        for lm, w in zip(aw.mapping.layers, aw.w, strict=True):
-            np.subtract(aw.g[lm.plus], aw.g[lm.minus], out=w)
-            w *= lm.beta
+        aw.weights_from_g()
     return trainer.task_step(arr["idx"], int(meta["step"]), trainer.lr_for(int(meta["epoch"])))
 
 

@@ -41,7 +41,6 @@ from .trainer import CheckpointError, Trainer
 log = logging.getLogger(__name__)
 
 #: The columns of the run log's mapping/table (its "columns" attribute; hil/mapping.py Mapping.table).
-MAPPING_COLUMNS = "layer, weight_row, weight_col, gplus_address, gminus_address"
 CONFIG_FILE = "config.toml"
 LOG_FILE = "run.h5"
 SUMMARY_FILE = "summary.json"
@@ -113,7 +112,7 @@ class Session:
         t.logger = writer  # (mvm products stay on inner: LoggedDriver passes them through unlogged)
         if not append:
             mapping = aw.mapping
-            writer.write_array("mapping/table", mapping.table(), columns=MAPPING_COLUMNS)
+            writer.write_array("mapping/table", mapping.table(), columns=mapping.table_columns())
             for lm in mapping.layers:
                 writer.write_array(f"mapping/layer{lm.index}_gplus", lm.plus)
                 writer.write_array(f"mapping/layer{lm.index}_gminus", lm.minus)
@@ -133,7 +132,8 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
     the run log is attached at once, else later with Session.attach_log."""
     net = build_network(cfg, data, torch_model=True if MVM in inner.capabilities else None)
     beta = betas(cfg, len(net.shapes))
-    mapping = Mapping.build_layers(net.shapes, beta, inner.geometry, cfg.mapping.row0, cfg.mapping.col0, net.names)
+    mapping = Mapping.build_layers(net.shapes, beta, inner.geometry, cfg.mapping.row0, cfg.mapping.col0, net.names,
+                                   cfg.mapping.devices_per_polarity)
     eps = eps_per_layer(cfg, model, beta)
     attrs = {"config_toml": cfg.to_toml(), "safety_limits_json": inner.limits.model_dump_json(),
              "instrument_identity": inner.identity, "package_version": __version__, "git_commit": git_commit(),
@@ -382,7 +382,7 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
     shapes = layer_shapes(cfg, data)
     reapply = meta.get("chip") is not None
     if reapply:
-        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0)
+        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0, cfg.mapping.devices_per_polarity)
         d = cfg.driver
         inner: ArrayDriver = MockDriver.from_state(run_dir / meta["chip"], g.rows, g.cols, seed=d.seed,
                                                    limits=limits_in_force(cfg), analog_mvm=d.analog_mvm)

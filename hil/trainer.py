@@ -156,7 +156,8 @@ class Trainer:
             if use_mvm:
                 assert array is not None
                 lm = array.mapping.layers[i]
-                layer.source = ArrayProducts(array.driver, lm.plus_block, lm.minus_block, lm.beta)
+                layer.source = ArrayProducts(array.driver, lm.plus_blocks or (lm.plus_block,),
+                                             lm.minus_blocks or (lm.minus_block,), lm.beta)
             else:
                 layer.source = HostWeights(self.weights[i])
         # How the journal lets a resume roll chi forward (docs/checkpoint.md): "factors" stores each step's
