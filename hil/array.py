@@ -433,16 +433,20 @@ class ArrayWeights:
         return self._new_program(addr, cnt, np.ones(addr.size, np.bool_))
 
     def initialize(self, weights: list[np.ndarray]) -> None:
-        """Program the initial weights (RESET every mapped pair, open-loop SET) in one program, then read all."""
+        """Program the initial weights (RESET every mapped device, open-loop SET) in one program (several where the
+        limits' max_devices_per_program asks for it), then read all."""
         parts = [self.program_pairs(lm.index, np.arange(w.size), w.ravel()) for lm, w in zip(self.mapping.layers, weights, strict=True)]
         # One program for all layers: merge the per-layer ones under the first id.
         self.next_program_id = parts[0].program_id
-        prog = self._new_program(np.concatenate([p.addresses for p in parts]),
-                                 np.concatenate([p.set_counts for p in parts]),
-                                 np.concatenate([p.reset for p in parts]))
-        self.send(ProgramRecord(INIT, prog), read_reason=None)
+        addr = np.concatenate([p.addresses for p in parts])
+        counts = np.concatenate([p.set_counts for p in parts])
+        reset = np.concatenate([p.reset for p in parts])
+        most = self.driver.limits.max_devices_per_program
+        for lo in range(0, addr.size, most):
+            part = slice(lo, lo + most)
+            self.send(ProgramRecord(INIT, self._new_program(addr[part], counts[part], reset[part])), read_reason=None)
         self.read(None, "initial")
-        self.response.add_from_reset(prog.set_counts, self.g[prog.addresses])
+        self.response.add_from_reset(counts, self.g[addr])
 
     # ------------------------------------------------------------------ the measured response (hil/response.py)
     def probe(self, addresses: np.ndarray, pulses: int) -> np.ndarray:
@@ -557,16 +561,18 @@ class ArrayWeights:
         if n_pairs == 0:
             return 0
         verify = self.refresh_cfg.mode == "verify"
-        for lm, widx in zip(self.mapping.layers, todo, strict=True):
-            if widx.size == 0:
-                continue
-            # A weight past the threshold itself is reprogrammed just below it, or it would refresh forever.
-            cap = 0.9 * self.refresh_cfg.threshold_us * lm.beta * lm.copies
-            target = np.clip(self.w[lm.index].flat[widx], -cap, cap)
-            prog = self.program_pairs(lm.index, widx, target)
-            self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify" if verify else "after-program")
-            if verify:
-                self._verify(lm.index, widx, target)
+        # a program addresses every device of its weights: at most max_devices_per_program of them
+        most = max(1, self.driver.limits.max_devices_per_program // (2 * self.copies))
+        for lm, todo_l in zip(self.mapping.layers, todo, strict=True):
+            for lo in range(0, todo_l.size, most):
+                widx = todo_l[lo:lo + most]
+                # A weight past the threshold itself is reprogrammed just below it, or it would refresh forever.
+                cap = 0.9 * self.refresh_cfg.threshold_us * lm.beta * lm.copies
+                target = np.clip(self.w[lm.index].flat[widx], -cap, cap)
+                prog = self.program_pairs(lm.index, widx, target)
+                self.send(ProgramRecord(REFRESH, prog), read_reason="refresh-verify" if verify else "after-program")
+                if verify:
+                    self._verify(lm.index, widx, target)
         return n_pairs
 
     def _verify(self, layer: int, widx: np.ndarray, target_w: np.ndarray) -> None:

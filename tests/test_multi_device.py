@@ -169,3 +169,17 @@ def test_bad_settings_are_one_line_and_leave_no_folder(args: list[str], message:
     assert p.returncode == 2, said
     assert message in said and "Traceback" not in said, said
     assert not out.exists()
+
+
+def test_programs_larger_than_the_limit_are_split(tmp_path: Path) -> None:
+    """The initial programming (every mapped device) and the refreshes stay within max_devices_per_program."""
+    cfg = _digits(**{"mapping.devices_per_polarity": 2, "driver.limits.max_devices_per_program": 700})
+    s = start_run(cfg, tmp_path / "run")
+    with RunLogReader(tmp_path / "run" / "run.h5") as r:
+        progs = [p for _, _, p in r.programs()]
+        n_mapped = sum(2 * r.array(f"mapping/layer{i}_gplus").size for i in range(2))
+    assert max(p.addresses.size for p in progs) <= 700
+    init = [p for p in progs if p.reset.all()][: -(-n_mapped // 700)]
+    assert sum(p.addresses.size for p in init) == n_mapped and len(init) == -(-n_mapped // 700) > 1
+    assert np.unique(np.concatenate([p.addresses for p in init])).size == n_mapped
+    assert s["refreshes"] > 0

@@ -54,6 +54,10 @@ seed = 3
 CNN_CONFIG = CONFIG.replace("[network]\nhidden = [16]\n", "[network]\nkind = \"cnn\"\n[network.cnn]\nchannels = [8]\n"
                             "kernel = 3\npadding = 1\nfc = []\n").replace("lr = 0.1\n", "lr = 0.03\n")
 assert 'kind = "cnn"' in CNN_CONFIG and "lr = 0.03" in CNN_CONFIG
+# Two devices per polarity (a weight's pulses go to its polarity's lowest copy) and every read averaged over two.
+COPIES_CONFIG = CONFIG.replace("every_steps = 300\n", "every_steps = 300\naverage = 2\n") + \
+    "[mapping]\ndevices_per_polarity = 2\n"
+assert "average = 2" in COPIES_CONFIG
 
 
 def _train(args: list[str]) -> subprocess.Popen:
@@ -124,11 +128,15 @@ def _check_accounting(run_dir: Path, n_devices: int) -> np.ndarray:
         chi, net, total = arrays[f"chi{i}"], arrays[f"net{i}"], arrays[f"total{i}"]
         np.testing.assert_allclose(chi + eps[i] * net, total, rtol=0, atol=1e-9)
     applied, plus, minus = _applied_programs(run_dir, set(summary["unapplied_program_ids"]))
+    # (several devices per polarity: the layer's addresses are (copies, rows, cols))
+    copies = plus[0].shape[0] if plus[0].ndim == 3 else 1
+    plus = [p.reshape(copies, *p.shape[-2:]) for p in plus]
+    minus = [m.reshape(copies, *m.shape[-2:]) for m in minus]
     # The counters agree with the log, the window a resume rolled forward included: every mapped device was
-    # RESET once by the initial programming, and each refresh RESETs both devices of a pair.
+    # RESET once by the initial programming, and each refresh RESETs every device of a weight.
     resets = sum(int(p.reset.sum()) for p in applied)
     assert summary["reset_pulses"] == resets
-    assert summary["refreshes"] == (resets - 2 * sum(p.size for p in plus)) // 2
+    assert summary["refreshes"] == (resets - 2 * sum(p.size for p in plus)) // (2 * copies)
     # Net SET pulses of update programs (no RESET in them) per device pair, from the log.
     per_device = np.zeros(n_devices, np.int64)
     upd = np.zeros(n_devices, np.int64)
@@ -137,7 +145,7 @@ def _check_accounting(run_dir: Path, n_devices: int) -> np.ndarray:
         if not p.reset.any():
             np.add.at(upd, p.addresses, p.set_counts)
     for i in range(2):
-        np.testing.assert_array_equal(upd[plus[i]] - upd[minus[i]], arrays[f"net{i}"])
+        np.testing.assert_array_equal(upd[plus[i]].sum(0) - upd[minus[i]].sum(0), arrays[f"net{i}"])
     return per_device
 
 
@@ -162,7 +170,8 @@ def test_kill9_resume_mock_chip(tmp_path: Path) -> None:
     (CONFIG, 65, 52, 12),
     # the CNN's resume recomputes the journaled steps: the same exactness as the MLP's factors give
     (CNN_CONFIG, 129, 36, 13),
-], ids=["mlp", "cnn"])
+    (COPIES_CONFIG, 65, 104, 14),
+], ids=["mlp", "cnn", "copies"])
 def test_kill9_resume_emulated_tester_pulse_counts_match(config: str, rows: int, cols: int, seed: int,
                                                          tmp_path: Path) -> None:
     from drivers.tester import TesterDriver
