@@ -138,6 +138,18 @@ def test_a_run_with_copies_and_averaged_reads_is_accounted_and_logged(tmp_path: 
         want = np.zeros(lm.plus.shape[1:])
         want[t[:, 1], t[:, 2]] = lm.beta * (g[t[:, 3]] + g[t[:, 4]] - g[t[:, 5]] - g[t[:, 6]])
         np.testing.assert_allclose(lm.weights(g), want, rtol=0, atol=1e-12)
+    # the export names every copy's role and weight: the reads table of the initial full read
+    import pandas as pd
+
+    from analysis.export import export_run
+
+    reads = pd.read_csv(export_run(tmp_path / "run", "reads", "csv", tmp_path / "reads.csv").path)
+    first = reads[reads["reason"] == "initial"].drop_duplicates("address")
+    assert len(first) == n_mapped and set(first["role"]) == {"G+", "G-"}
+    t = table[table[:, 0] == 0]
+    for col, role in ((3, "G+"), (4, "G+"), (5, "G-"), (6, "G-")):
+        row = first.set_index("address").loc[t[7, col]]
+        assert (row["layer"], row["weight_row"], row["weight_col"], row["role"]) == (0, t[7, 1], t[7, 2], role)
 
 
 def test_the_host_copy_is_the_mean_of_the_averaged_reads(tmp_path: Path) -> None:
