@@ -7,7 +7,8 @@
 - the floor: a minimal hand-written numpy float64 step of the same network (dense update);
 - the PCM floor: the harness's own forward/backward and chi update (hil.network, as the baseline's) plus the least
   a PCM step must do on top, hand-written: scan |chi| for due pulses, build the program, write a journal record
-  (one os.write), apply it to the chip model (sim.PCMArray) and read the devices back, settle chi, refresh the
+  (one os.write: the sample index, the previous program's read-back and the program, as the trainer journals an
+  MLP step), apply it to the chip model (sim.PCMArray) and read the devices back, settle chi, refresh the
   host weights; no safety checks, run log, response estimates or driver layers (what the lead weighs the
   1.5x goal against: its extra time over the baseline is the irreducible PCM work of a step);
 - plain torch training of the same network (nn.Linear + autograd + torch.optim.SGD, softmax cross-entropy,
@@ -81,14 +82,16 @@ def pcm_floor_us_per_sample(cfg: RunConfig, x: np.ndarray, y: np.ndarray, order:
     tmp = Path(tempfile.mkdtemp(prefix="pcm-hil-bench-floor-"))
     fd = os.open(tmp / "journal.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     lr, t = cfg.update.lr, 1.0
+    prev = np.zeros(0, np.int64)  # the previous program's addresses
     try:
         t0 = time.perf_counter()
         for i in order:
             res = fast_step(w, x[i:i + 1], y[i:i + 1])
-            widx, counts, layer, record = [], [], [], []
+            widx, counts, layer = [], [], []
+            # the journal keeps the sample index and the conductances read since the last record, as the trainer's
+            record = [int(i).to_bytes(8, "little"), g[prev].data]
             for li, (c, (a, d)) in enumerate(zip(chi, res.factors, strict=True)):
                 rows, sub = accumulate_rows(c, a, d, lr)
-                record += [rows, a[0, rows], d]  # the journal keeps a layer input's nonzero part, as the trainer's
                 q = np.abs(sub, out=sub).ravel()
                 hit = (q >= eps[li]).nonzero()[0]  # (the harness compares against pulse_threshold(eps))
                 if hit.size:
@@ -99,6 +102,7 @@ def pcm_floor_us_per_sample(cfg: RunConfig, x: np.ndarray, y: np.ndarray, order:
             factors = b"".join(record)
             if not widx:
                 os.write(fd, factors + zlib.crc32(factors).to_bytes(4, "little"))
+                prev = prev[:0]
                 continue
             k, n, lay = np.concatenate(widx), np.concatenate(counts), np.concatenate(layer)
             pos = chi_flat[k] > 0
@@ -107,6 +111,7 @@ def pcm_floor_us_per_sample(cfg: RunConfig, x: np.ndarray, y: np.ndarray, order:
             os.write(fd, rec + zlib.crc32(rec).to_bytes(4, "little"))  # the journal, before the pulses
             chip.apply(addr, n, np.zeros(addr.size, np.bool_), t, validate=False)
             g[addr] = chip.read(addr, t, validate=False)
+            prev = addr
             t += 1e-4
             chi_flat[k] -= np.where(pos, n, -n) * eps[lay]
             w_flat[k] = beta[lay] * (g[2 * k] - g[2 * k + 1])

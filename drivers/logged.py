@@ -106,11 +106,13 @@ class LoggedDriver(ArrayDriver):
         clock first: one round trip fewer); the log is checked to be open before anything is sent. Should the
         operation fail, the program is logged all the same (without a time), as apply() would have logged it.
         """
-        self.check_program(program)
-        if not (self.program_times and APPLY_READ in self.inner.capabilities):
-            t = self.inner.now() if self.program_times else None
+        self._check_open()
+        inner = self.inner
+        inner.check_program(program)
+        if not (self.program_times and APPLY_READ in inner.capabilities):
+            t = inner.now() if self.program_times else None
             self.writer._log_program(self.step, program, t, self.wall_clock())
-            r = self.inner._apply_and_read_checked(program)[1]
+            r = inner._apply_and_read_checked(program)[1]
         else:
             self.writer._check_open()
             wall = self.wall_clock()

@@ -102,10 +102,33 @@ class MockDriver(ArrayDriver):
         self._t += self.timing.command_overhead_s + addresses.size * self.timing.read_per_device_s
         return ReadResult(addresses, g, t)
 
+    def _apply_and_read_checked(self, program: PulseProgram) -> tuple[float | None, ReadResult]:
+        """apply then read of a checked program's devices, as ArrayDriver's (its addresses were checked with it);
+        on the numpy chip model in one call (PCMArray.apply_and_read: the same state and read-back)."""
+        both = getattr(self.chip, "apply_and_read", None)
+        if both is None:
+            self._apply_checked(program)
+            return None, self._read(program.addresses, whole=False)
+        t = self._t
+        t_read = t + self._program_seconds(program)
+        addr = program.addresses
+        g = both(addr, program.set_counts, program.reset, t, t_read, has_reset=program.reset_pulses > 0)
+        self._last_id = program.program_id
+        self._book_pulses(program)
+        self._t = t_read + (self.timing.command_overhead_s + addr.size * self.timing.read_per_device_s)
+        return None, ReadResult(addr, g, t_read)
+
     def _apply(self, program: PulseProgram) -> None:
         t = self._t
-        # ArrayDriver.check_program validated the program; the chip need not check it again.
-        self.chip.apply(program.addresses, program.set_counts, program.reset, t, validate=False)
+        # ArrayDriver.check_program validated the program; the chip need not check it again (nor count its
+        # RESET flags: the program counted them).
+        self.chip.apply(program.addresses, program.set_counts, program.reset, t, validate=False,
+                        has_reset=program.reset_pulses > 0)
+        self._t += self._program_seconds(program)
+        self._last_id = program.program_id
+
+    def _program_seconds(self, program: PulseProgram) -> float:
+        """How long program takes on the simulated clock (s): the fixed overhead and every pulse with its gap."""
         s, timing = program.shapes, self.timing
         if s is not self._pulse_ns[0] or timing is not self._pulse_ns[1]:
             # Per (frozen) shapes and timing: each pulse's width plus the gap, ns, and the fixed overhead, s.
@@ -113,8 +136,7 @@ class MockDriver(ArrayDriver):
             self._pulse_ns = (s, timing, s.set.width_ns + gap, s.reset.width_ns + gap, timing.command_overhead_s)
         _, _, set_ns, reset_ns, overhead_s = self._pulse_ns
         busy_ns = program.set_pulses * set_ns + program.reset_pulses * reset_ns
-        self._t += overhead_s + busy_ns * 1e-9
-        self._last_id = program.program_id
+        return overhead_s + busy_ns * 1e-9
 
     def _last_program_id(self) -> int | None:
         return self._last_id

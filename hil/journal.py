@@ -36,10 +36,36 @@ class JournalError(RuntimeError):
 
 def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     """One journal record: meta (JSON-able) and named arrays (kept bit-exact, dtype and shape stored)."""
-    raw = [np.ascontiguousarray(a) for a in arrays.values()]
+    raw = [np.ascontiguousarray(a) for a in arrays.values()]  # (a 0-d array is stored 1-d, as always)
     header = _header(meta, arrays.keys(), raw)
-    # One join and one CRC pass over the body (a record is a few KB; the copies cost less than more calls).
+    # One join and one CRC pass over the body (a record is a few hundred bytes to a few KB; the copies cost
+    # less than more calls).
     body = b"".join([_U32.pack(len(header)), header, *raw])
+    return b"".join([_U32.pack(len(body)), body, _U32.pack(zlib.crc32(body))])
+
+
+def encode_update_record(step: int, epoch: int, pos: int, correct: int, n: int, program_id: int | None,
+                         arrays: dict[str, np.ndarray]) -> bytes:
+    """encode_record of a step's update record, byte for byte: meta {"step", "epoch", "pos", "kind": "update",
+    "correct", "n"} and "program_id" unless None, all ints; arrays C-contiguous and at least 1-d (as a step's are).
+
+    The trainer writes one per step: one format string instead of encode_record's walk over the meta dict.
+    """
+    specs = []
+    for name, a in arrays.items():
+        key = (name, a.dtype, a.shape)
+        piece = _SPEC_PIECES.get(key)
+        if piece is None:
+            if not _plain(name):
+                raise ValueError(f"journal array name {name!r} needs escaping")
+            if len(_SPEC_PIECES) >= 4096:
+                _SPEC_PIECES.clear()
+            piece = _SPEC_PIECES[key] = json.dumps([name, a.dtype.str, list(a.shape)], separators=(",", ":"))
+        specs.append(piece)
+    pid = "" if program_id is None else f',"program_id":{program_id}'
+    header = (f'{{"meta":{{"step":{step},"epoch":{epoch},"pos":{pos},"kind":"update","correct":{correct},'
+              f'"n":{n}{pid}}},"arrays":[{",".join(specs)}]}}').encode()
+    body = b"".join([_U32.pack(len(header)), header, *arrays.values()])
     return b"".join([_U32.pack(len(body)), body, _U32.pack(zlib.crc32(body))])
 
 
@@ -49,19 +75,25 @@ def _header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> bytes:
     Every step writes one, so the common case (int and plain-ASCII str values) is formatted by hand
     from cached pieces; anything else goes through json.dumps.
     """
-    fields = []
-    for k, v in meta.items():
-        t = type(v)
-        if type(k) is not str or not _plain(k):
+    keys = tuple(meta)
+    lead = _META_LEADS.get(keys)
+    if lead is None:
+        if not all(type(k) is str and _plain(k) for k in keys):
             return _json_header(meta, names, raw)
+        if len(_META_LEADS) >= 256:
+            _META_LEADS.clear()
+        lead = _META_LEADS[keys] = [f'"{k}":' for k in keys]
+    fields = []
+    for piece, v in zip(lead, meta.values()):
+        t = type(v)
         if t is int:
-            fields.append(f'"{k}":{v}')
+            fields.append(f"{piece}{v}")
         elif t is str and _plain(v):
-            fields.append(f'"{k}":"{v}"')
+            fields.append(f'{piece}"{v}"')
         else:
             return _json_header(meta, names, raw)
     specs = []
-    for name, a in zip(names, raw, strict=True):
+    for name, a in zip(names, raw):
         key = (name, a.dtype, a.shape)
         piece = _SPEC_PIECES.get(key)
         if piece is None:
@@ -82,6 +114,8 @@ def _json_header(meta: dict[str, Any], names: Any, raw: list[np.ndarray]) -> byt
 # Strings json.dumps writes as '"' + s + '"' (no escapes), learned as they are seen.
 _PLAIN: set[str] = set()
 _SPEC_PIECES: dict[tuple[str, np.dtype, tuple[int, ...]], str] = {}
+# '"key":' of each key, per tuple of meta keys (a run writes a handful of record layouts).
+_META_LEADS: dict[tuple[Any, ...], list[str]] = {}
 
 
 def _plain(s: str) -> bool:
@@ -119,7 +153,10 @@ class Journal:
 
     def append(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Write one record; with fsync, return only once it is on the disk. OSError if it is not whole."""
-        rec = encode_record(meta, arrays)
+        self.append_encoded(encode_record(meta, arrays))
+
+    def append_encoded(self, rec: bytes) -> None:
+        """append() of a record encode_record (or encode_update_record) made."""
         written = os.write(self._fd, rec)
         if written != len(rec):  # a regular file takes the whole write unless the disk is full
             raise OSError(errno.ENOSPC, f"journal {self.path}: short write ({written} of {len(rec)} bytes), "

@@ -26,7 +26,7 @@ from .analog import AnalogLayer, HostWeights
 from .array import UPDATE, ArrayProducts, ArrayWeights, ProgramRecord
 from .config import RunConfig
 from .data import Dataset, epoch_order
-from .journal import Journal, program_arrays
+from .journal import Journal, encode_update_record, program_arrays
 from . import response
 from .network import Factors, StepResult, accumulate, fast_forward, fast_step
 from .networks import Network, build_network
@@ -160,10 +160,12 @@ class Trainer:
                                              lm.minus_blocks or (lm.minus_block,), lm.beta)
             else:
                 layer.source = HostWeights(self.weights[i])
-        # How the journal lets a resume roll chi forward (docs/checkpoint.md): "factors" stores each step's
-        # (A, D), sparse for the MLP; "recompute" stores the step's samples and the conductances that changed
-        # since the last record, and the resume recomputes the step (a conv layer's factors are far larger).
-        self.journal_mode = "factors" if (network.kind == "mlp" or use_mvm) else "recompute"
+        # How the journal lets a resume roll chi forward (docs/checkpoint.md): "recompute" stores the step's
+        # samples and the conductances that changed since the last record, and the resume recomputes the step
+        # (a conv layer's factors are far larger, and the MLP's were 6.8 KB per MNIST step against 0.36 KB of
+        # recompute record); "factors" stores each step's (A, D), for the chip's analog multiply, whose
+        # products a resume cannot recompute.
+        self.journal_mode = "factors" if use_mvm else "recompute"
         self._g_changed: list[np.ndarray] = []
         self._g_all = False
         self._last_program_addresses: np.ndarray | None = None
@@ -238,10 +240,11 @@ class Trainer:
         if self.logger is not None:
             self.set_log_step(at.step)
         rows = aw.accumulate(res.factors)
+        if self.journal_mode == "factors":
+            self._pending_cols = [r for r, _ in rows]
         prog = aw.plan_update(rows)
         self._pending = res.factors
         self._pending_idx = idx
-        self._pending_cols = [r for r, _ in rows]
         self._pending_meta = {"correct": correct, "n": len(idx)}
         if prog is None:
             self._journal_program(None)
@@ -257,12 +260,34 @@ class Trainer:
     def _journal_program(self, rec: ProgramRecord | None) -> None:
         if self.journal is None:
             return
-        meta: dict[str, Any] = {"step": self.at.step, "epoch": self.at.epoch, "pos": self.at.pos}
+        at = self.at
         arrays: dict[str, np.ndarray] = {}
-        if rec is None or rec.kind == UPDATE:
+        recompute = self.journal_mode == "recompute"
+        update = rec is None or rec.kind == UPDATE
+        if update and recompute:
+            correct, n = self._pending_meta["correct"], self._pending_meta["n"]
+            if type(correct) is int and type(n) is int and type(at.step) is int and type(at.pos) is int \
+                    and type(at.epoch) is int:
+                # A step's record (every step writes one) through the format string: the bytes encode_record
+                # writes for the same meta and arrays.
+                assert self._pending is not None
+                self._journal_inputs(arrays)
+                self._pending = None
+                pid = None
+                if rec is not None:
+                    p = rec.program
+                    pid = p.program_id
+                    arrays.update(program_arrays(p, self._small_addresses))
+                    self._g_changed.append(p.addresses)  # its read-back moves them
+                    self._last_program_addresses = p.addresses
+                self.journal.append_encoded(encode_update_record(at.step, at.epoch, at.pos, correct, n, pid, arrays))
+                return
+        meta: dict[str, Any] = {"step": at.step, "epoch": at.epoch, "pos": at.pos}
+        if update:
             assert self._pending is not None
-            meta.update(kind=UPDATE, **self._pending_meta)
-            if self.journal_mode == "recompute":
+            meta["kind"] = UPDATE
+            meta.update(self._pending_meta)
+            if recompute:
                 self._journal_inputs(arrays)
             else:
                 for i, ((a, d), cols) in enumerate(zip(self._pending, self._pending_cols, strict=True)):
@@ -280,7 +305,7 @@ class Trainer:
             p = rec.program
             meta["program_id"] = p.program_id
             arrays.update(program_arrays(p, self._small_addresses))
-            if self.journal_mode == "recompute":
+            if recompute:
                 self._g_changed.append(p.addresses)  # its read-back moves them
                 self._last_program_addresses = p.addresses
         self.journal.append(meta, arrays)
@@ -290,7 +315,7 @@ class Trainer:
         every conductance read since the previous record (the weights this step's forward pass used)."""
         aw = self.array
         assert aw is not None and self._pending_idx is not None
-        arrays["idx"] = np.asarray(self._pending_idx, np.int64)
+        arrays["idx"] = np.ascontiguousarray(self._pending_idx, np.int64)
         changed = self._g_changed
         if not self._g_all and len(changed) == 1 and changed[0] is self._last_program_addresses:
             # the usual case, the previous record's program read back: its addresses are in that record

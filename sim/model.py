@@ -144,9 +144,12 @@ class PCMArray:
         self._pulses[addr] = 0
         self._t_prog[addr] = t
 
-    def _set_checked(self, addr: npt.NDArray[np.intp], cnt: npt.NDArray[np.int64], t: float) -> None:
+    def _set_checked(self, addr: npt.NDArray[np.intp], cnt: npt.NDArray[np.int64], t: float,
+                     extra: int = 0) -> FloatArray | None:
+        """The SET pulses; with extra > 0, extra more standard normal draws right after the pulses' own (the next
+        read's noise, in one call), returned."""
         if cnt.size == 0:
-            return
+            return self._rng.standard_normal(extra, dtype=np.float32) if extra else None
         if cnt.size <= _FEW:
             values = cnt.tolist()  # a training step's program: builtins on a list beat two numpy reductions
             lo, hi = min(values), max(values)
@@ -155,7 +158,7 @@ class PCMArray:
         if lo <= 0:
             keep = cnt > 0
             if not keep.any():
-                return
+                return self._rng.standard_normal(extra, dtype=np.float32) if extra else None
             addr, cnt = addr[keep], cnt[keep]
         if hi > 1:
             # Devices sorted by pulse count, most first: the devices still pulsing in pass k are a prefix.
@@ -168,33 +171,40 @@ class PCMArray:
         c = self._set_constants()
         g = self._drifted(addr, t)
         pulses = self._pulses[addr]
-        hist = pulses.astype(np.float32)
         mean_gain = self._d2d[addr]
         # Per-device constant part of the mean, folded in once: f * c1.
         base_mean = mean_gain * c.mean_offset
         n = addr.size
-        # Scratch for the pass: the same float32 operations in the same order as the plain expressions
-        # (sigma = m2 * g + c2 + A2 * P; mean = (m1 * g + A1 * P) * f + f * c1), without new temporaries.
-        pk_buf, sigma_buf, mean_buf = np.empty((3, n), np.float32)
-        for m in active:
-            gk = g[:m] if m < n else g
-            hk = hist[:m] if m < n else hist
-            pk = pk_buf[:m] if m < n else pk_buf
-            sigma = sigma_buf[:m] if m < n else sigma_buf
-            mean = mean_buf[:m] if m < n else mean_buf
-            hk += 1.0  # the pulse about to be applied is pulse number hist+1 since RESET
-            np.multiply(hk, c.decay, out=pk)
-            np.exp(pk, out=pk)
-            np.multiply(gk, c.std_slope, out=sigma)
+        # What does not depend on G is computed for all passes at once, in one flat buffer holding pass after
+        # pass (pass k's devices are the prefix active[k]): the pulse number since RESET (float32(hist) + 1 in
+        # the first pass, + 1 again in each next one), P = exp(-j / history_pulses), A2 * P and A1 * P, and the
+        # pulse-to-pulse noise in one draw (the values one draw per pass gives, in the same order). Each pass
+        # then does only the G-dependent part: the same float32 operations in the same order as the plain
+        # expressions (sigma = m2 * g + c2 + A2 * P; mean = (m1 * g + A1 * P) * f + f * c1).
+        total = n if len(active) == 1 else sum(active)
+        hk = np.empty(total, np.float32)
+        np.add(pulses, 1.0, out=hk[:n], dtype=np.float32)
+        starts = [0]
+        for m in active[1:]:
+            prev = starts[-1]
+            starts.append(prev + active[len(starts) - 1])
+            np.add(hk[prev:prev + m], 1.0, out=hk[starts[-1]:starts[-1] + m])
+        np.multiply(hk, c.decay, out=hk)
+        np.exp(hk, out=hk)  # in place on a contiguous buffer, as before
+        history_sigma = hk * c.std_history
+        np.multiply(hk, c.mean_history, out=hk)  # hk is now A1 * P
+        noise = self._rng.standard_normal(total + extra, dtype=np.float32)
+        for o, m in zip(starts, active, strict=True):
+            whole = m == n
+            gk = g if whole else g[:m]
+            sigma = gk * c.std_slope
             sigma += c.std_offset
-            np.multiply(pk, c.std_history, out=mean)  # mean_buf as scratch for A2 * P
-            sigma += mean
-            sigma *= self._rng.standard_normal(m, dtype=np.float32)
-            np.multiply(gk, c.mean_slope, out=mean)
-            np.multiply(pk, c.mean_history, out=pk)
-            mean += pk
-            mean *= mean_gain[:m] if m < n else mean_gain
-            mean += base_mean[:m] if m < n else base_mean
+            sigma += history_sigma[o:o + m]
+            sigma *= noise[o:o + m]
+            mean = gk * c.mean_slope
+            mean += hk[o:o + m]
+            mean *= mean_gain if whole else mean_gain[:m]
+            mean += base_mean if whole else base_mean[:m]
             gk += mean
             gk += sigma
             np.maximum(gk, c.g_min, out=gk)  # clip, as minimum(maximum(g, lo), hi)
@@ -203,6 +213,7 @@ class PCMArray:
         np.add(pulses, cnt, out=pulses, casting="unsafe")  # as pulses += cnt.astype(np.uint32), without the copy
         self._pulses[addr] = pulses
         self._t_prog[addr] = t
+        return noise[total:] if extra else None
 
     def _set_constants(self) -> _SetConstants:
         """The SET model's and read noise's float32 constants, made once per params object."""
@@ -212,12 +223,13 @@ class PCMArray:
         return c
 
     def apply(self, addresses: IntArray, set_counts: IntArray, reset: npt.NDArray[np.bool_], t: float,
-              *, validate: bool = True) -> None:
+              *, validate: bool = True, has_reset: bool | None = None) -> None:
         """Apply one program at time t (s): RESET where reset is true, then the SET pulses.
 
         validate=False skips the address and count checks for a caller that has made them already
         (unique in-range integer addresses, non-negative integer counts, bool reset flags of one
-        length); the time is always checked. Unchecked bad input corrupts the state.
+        length); the time is always checked. Unchecked bad input corrupts the state. has_reset: whether
+        any reset flag is true, if the caller knows (with validate=False only; else it is counted here).
         """
         if validate:
             addr = self._addresses(addresses)
@@ -228,9 +240,23 @@ class PCMArray:
         else:
             addr, cnt, rst = addresses, set_counts, reset
         self._advance(t)
-        if np.count_nonzero(rst):
+        if (np.count_nonzero(rst) > 0) if (validate or has_reset is None) else has_reset:
             self._reset_checked(addr[rst], t)
         self._set_checked(addr, cnt, t)
+
+    def apply_and_read(self, addresses: IntArray, set_counts: IntArray, reset: npt.NDArray[np.bool_], t: float,
+                       t_read: float, *, has_reset: bool | None = None) -> FloatArray:
+        """apply(addresses, set_counts, reset, t, validate=False) and then read(addresses, t_read, validate=False),
+        for a caller that has checked them: the same state and the same conductances (uS, float32) as the two
+        calls, the read's noise drawn with the pulses' in one call (the values the two calls draw)."""
+        self._advance(t)
+        if (np.count_nonzero(reset) > 0) if has_reset is None else has_reset:
+            self._reset_checked(addresses[reset], t)
+        noise = self._set_checked(addresses, set_counts, t, extra=addresses.size)
+        self._advance(t_read)
+        out = self._drifted(addresses, t_read)
+        self._add_read_noise(out, noise)
+        return out
 
     def force_state(self, addresses: IntArray, g_us: float | FloatArray, pulses_since_reset: int | IntArray, t: float) -> None:
         """Put devices straight into a state, as if programmed to g_us (uS) at time t (s) after the
@@ -401,9 +427,11 @@ class PCMArray:
         np.exp(out, out=out)
         out *= g
 
-    def _add_read_noise(self, g: FloatArray) -> None:
+    def _add_read_noise(self, g: FloatArray, noise: FloatArray | None = None) -> None:
+        """Read noise onto g in place; noise: its standard normal draws, if already drawn (one per device)."""
         c = self._set_constants()
-        noise = self._rng.standard_normal(g.size, dtype=np.float32)
+        if noise is None:
+            noise = self._rng.standard_normal(g.size, dtype=np.float32)
         noise *= c.read_noise_rel * g + c.read_noise_abs
         g += noise
         np.maximum(g, c.g_min, out=g)  # clip, as minimum(maximum(g, lo), hi)

@@ -63,7 +63,8 @@ def test_settle_and_read_back_through_the_plan_equal_the_reverse_mapping() -> No
 
 
 def test_roll_forward_of_journaled_factors_gives_the_live_chi(tmp_path: Path) -> None:
-    """Records keep only the nonzero columns of a sparse layer input; rolling them forward is still exact."""
+    """Factors records (the MLP's journal before it recomputed its steps, and any run on the chip's analog
+    multiply) keep only the nonzero columns of a sparse layer input; rolling them forward is still exact."""
     cfg = RunConfig().with_overrides(**{"data.name": "digits", "network.hidden": [16], "logging.enabled": False,
                                         "checkpoint.every_steps": 10_000, "seed": 4})
     data = load_digits(cfg.seed)
@@ -76,6 +77,7 @@ def test_roll_forward_of_journaled_factors_gives_the_live_chi(tmp_path: Path) ->
     live = session(tmp_path)
     try:
         t = live.trainer
+        t.journal_mode = "factors"
         t.start_journal()
         t.array.initialize(t.w0)
         t.checkpoint()
