@@ -162,11 +162,12 @@ class TorchPCMArray:
         self._set_checked(addr, cnt, t)
 
     def apply(self, addresses: npt.ArrayLike, set_counts: npt.ArrayLike, reset: npt.ArrayLike, t: float, *,
-              validate: bool = True) -> None:
+              validate: bool = True, has_reset: bool | None = None) -> None:
         """Apply one program at time t (s): RESET where reset is true, then the SET pulses.
 
         validate=False skips the address and count checks for a caller that has made them already (as
-        PCMArray.apply); the time is always checked. Unchecked bad input corrupts the state.
+        PCMArray.apply); the time is always checked. Unchecked bad input corrupts the state. has_reset: whether
+        any reset flag is set, if the caller counted them (as PCMArray.apply; unchecked, like the rest).
         """
         if validate:
             addr = self._addresses(addresses)
@@ -177,7 +178,7 @@ class TorchPCMArray:
         else:
             addr, cnt, rst = np.asarray(addresses), np.asarray(set_counts), np.asarray(reset)
         self._advance(t)
-        if np.logical_or.reduce(rst):
+        if np.logical_or.reduce(rst) if (validate or has_reset is None) else has_reset:
             self._reset_checked(addr[rst], t)
         self._set_checked(addr, cnt, t)
 
