@@ -224,8 +224,12 @@ class ArrayWeights(ResponseFollowing):
             self._refresh_weights(r.addresses)
         return r
 
-    def weights_from_g(self) -> None:
-        """Every weight from the host copy of G: w = beta * (G+ - G-) (summed over the copies of each polarity)."""
+    def weights_from_g(self, addresses: np.ndarray | None = None) -> None:
+        """The weights from the host copy of G: w = beta * (G+ - G-) (summed over the copies of each polarity);
+        addresses: only those devices' weights (the same values: every weight always is its devices' sum)."""
+        if addresses is not None and addresses.size < self.mapping.addresses.size:
+            self._refresh_weights(addresses)
+            return
         for lm, w in zip(self.mapping.layers, self.w, strict=True):
             if lm.copies == 1:
                 np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)

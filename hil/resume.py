@@ -120,7 +120,7 @@ def _recompute_step(trainer: Trainer, meta: dict[str, Any], arr: dict[str, np.nd
         raise JournalError("a recompute record refers to the previous record's program, and there is none")
     if addr.size:
         aw.g[addr] = arr["g_val"]
-        aw.weights_from_g()
+        aw.weights_from_g(addr)
     return trainer.task_step(arr["idx"], int(meta["step"]), trainer.lr_for(int(meta["epoch"])))
 
 
