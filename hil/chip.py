@@ -169,7 +169,7 @@ def make_driver(cfg: RunConfig, shapes: list[tuple[int, int]], model: ChipModel)
 
         assert d.resource is not None
         inner = TesterDriver.open(d.resource, timeout_s=d.timeout_s, limits=limits_in_force(cfg),
-                                  reconnect_window_s=d.reconnect_window_s)
+                                  reconnect_window_s=d.reconnect_window_s, backend=d.visa_backend)
     if d.dry_run:
         from drivers import DryRunDriver
 

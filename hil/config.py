@@ -152,6 +152,9 @@ class DriverConfig(_Strict):
                                                  "device (sim/torch_model.py); unset: the numpy model "
                                                  "(docs/pcm-model.md). Unset, it leaves the config digest as it was.")
     timeout_s: float = Field(10.0, gt=0, le=3600, description="Link timeout, s (visa / serial).")
+    visa_backend: str = Field("@py", description="pyvisa backend of kind=visa: '@py' pyvisa-py (default), '@ivi' or "
+                                                 "'' the installed NI-VISA / Keysight library, or a VISA library's "
+                                                 "path. A link setting: not part of the config digest.")
     reconnect_window_s: float = Field(60.0, ge=0, le=86400, description="How long a lost link is retried with "
                                                                         "backoff before the run stops resumably, s.")
     limits: SafetyLimits = Field(default_factory=SafetyLimits, description="Safety limits checked before any I/O; "
@@ -301,12 +304,13 @@ class RunConfig(_Strict):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def digest(self) -> str:
-        """sha256 of the TOML form without the link settings (driver.resource, .timeout_s, .reconnect_window_s,
-        .options): a resume refuses a run whose config differs, but a tester may come back at another
+        """sha256 of the TOML form without the link settings (driver.resource, .timeout_s, .visa_backend,
+        .reconnect_window_s, .options): a resume refuses a run whose config differs, but a tester may come back at another
         address (its identity is checked instead)."""
         data = self.model_dump(mode="json", exclude_none=True)
         data["driver"].pop("resource", None)
         data["driver"].pop("timeout_s", None)
+        data["driver"].pop("visa_backend", None)
         data["driver"].pop("reconnect_window_s", None)
         data["driver"].pop("options", None)  # a plugin's link settings; its identity is checked instead
         net = data["network"]

@@ -290,3 +290,18 @@ def test_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path: Path) -> No
         eps = json.loads(lr.attrs["eps_per_layer_json"])
     for i in range(2):
         np.testing.assert_allclose(arrays[f"chi{i}"] + eps[i] * arrays[f"net{i}"], arrays[f"total{i}"], rtol=0, atol=1e-9)
+
+
+def test_the_visa_backend_reaches_pyvisa_and_a_missing_library_is_one_line(tmp_path: Path) -> None:
+    """driver.visa_backend (NI-VISA's '@ivi', or a VISA library's path) goes to pyvisa's ResourceManager: a
+    library that is not there is one line naming it, and no folder; the key is a link setting (digest unchanged)."""
+    lib = tmp_path / "no-such-libvisa.so"
+    out = _refused(tmp_path, TINY, f"cannot load VISA backend '{lib}'", "--set", "driver.kind=visa",
+                   "--set", "driver.resource=TCPIP::127.0.0.1::1::SOCKET", "--set", f"driver.visa_backend={lib}",
+                   "--set", "driver.uncalibrated_ok=true")
+    assert "no-such-libvisa.so" in out
+    from hil.config import RunConfig
+
+    cfg = RunConfig()
+    assert cfg.driver.visa_backend == "@py"
+    assert cfg.with_overrides(**{"driver.visa_backend": "@ivi"}).digest() == cfg.digest()
