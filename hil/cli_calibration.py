@@ -96,7 +96,7 @@ def _shapes(specs: list[str]):
 
 
 def _open_driver(spec: str, devices: int, rows: Optional[int], cols: Optional[int], seed: int,
-                 params: Optional[Path], timeout_s: float):
+                 params: Optional[Path], timeout_s: float, visa_backend: str = "@py"):
     """mock (a simulated chip), replay:PATH (a calibration log re-served: ReplayDriver) or a tester by VISA
     resource / serial URL (TesterDriver)."""
     if spec.startswith(REPLAY_PREFIX):
@@ -112,7 +112,7 @@ def _open_driver(spec: str, devices: int, rows: Optional[int], cols: Optional[in
         return MockDriver(r, c, params=p, seed=seed)
     from drivers.tester import TesterDriver
 
-    return TesterDriver.open(spec, timeout_s=timeout_s)
+    return TesterDriver.open(spec, timeout_s=timeout_s, backend=visa_backend)
 
 
 def _replay_settings(ctx: typer.Context, drv, given: dict[str, object]) -> tuple[object, object, dict[str, int]]:
@@ -238,6 +238,8 @@ def characterize_cmd(
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the uncertainties.")] = 40,
     prior: Annotated[Optional[Path], typer.Option(help="PCM parameters (TOML) for what is not measured (drift with --no-drift).")] = None,
     timeout: Annotated[float, typer.Option(help="Tester reply timeout, s.")] = 10.0,
+    visa_backend: Annotated[str, typer.Option(help="pyvisa backend of a VISA resource: '@py' (pyvisa-py), '@ivi' "
+                                                   "(NI-VISA / Keysight) or a VISA library's path.")] = "@py",
 ) -> None:
     """Characterize a chip (pulse response, read noise, drift), fit the PCM model, derive eps."""
     import numpy as np
@@ -260,7 +262,7 @@ def characterize_cmd(
         raise _fail(f"bad experiment settings: {_one_line(e)}", 2) from None
     prior_params = _params(prior, "--prior")
     try:
-        drv = _open_driver(driver, first_address + devices, rows, cols, seed, params, timeout)
+        drv = _open_driver(driver, first_address + devices, rows, cols, seed, params, timeout, visa_backend)
     except (DriverError, RunLogError, OSError, ValueError) as e:
         raise _fail(f"cannot open driver {driver!r}: {_one_line(e)}", 1) from None
     replay = driver.startswith(REPLAY_PREFIX)

@@ -131,3 +131,15 @@ def test_a_training_log_or_a_missing_file_is_one_line(tmp_path):
     assert r.exit_code == 1 and r.stderr.splitlines() == [
         f"error: cannot open driver 'replay:{tmp_path / 'none.h5'}': no run log at {tmp_path / 'none.h5'}"], r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_characterize_takes_a_visa_backend_and_a_missing_library_is_one_line(tmp_path):
+    """--visa-backend reaches pyvisa (here a VISA library's path that is not there): one line, no folder."""
+    lib = tmp_path / "no-such-libvisa.so"
+    r = CliRunner(env=NARROW).invoke(app, ["characterize", "--driver", "TCPIP::127.0.0.1::1::SOCKET",
+                                           "--visa-backend", str(lib), "--out", str(tmp_path / "x")])
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"error: cannot open driver 'TCPIP::127.0.0.1::1::SOCKET': cannot load VISA backend "
+                               f"'{lib}'"), r.output
+    assert not (tmp_path / "x").exists()
