@@ -162,6 +162,17 @@ def test_refused_resume_with_an_edited_config_changes_nothing(stopped_run: Path,
     assert _snapshot(run) == before
 
 
+def test_a_resume_takes_another_visa_backend_from_the_edited_config(stopped_run: Path, tmp_path: Path) -> None:
+    """driver.visa_backend is a link setting: a run may come back through another VISA library."""
+    run = _copy(stopped_run, tmp_path)
+    text = (run / "config.toml").read_text()
+    assert 'visa_backend = "@py"' in text
+    (run / "config.toml").write_text(text.replace('visa_backend = "@py"', 'visa_backend = "@ivi"'))
+    rc, out = _cli("train", "--resume", str(run))
+    assert rc == 0, out
+    assert json.loads((run / "summary.json").read_text())["finished"]
+
+
 def test_refused_resume_on_a_corrupt_journal_record_changes_nothing(stopped_run: Path, tmp_path: Path) -> None:
     from hil.journal import Journal
 
