@@ -205,7 +205,8 @@ def energies(c: Counts, t: dict[str, Entry]) -> tuple[dict[str, float], dict[str
     rd = c.training_reads()
     g = c.mean_g_us or 0.0
     # V^2 [V^2] x G [uS] x t [ns] = 1e-15 J = 1e-3 pJ; 2 devices (G+ and G-) per weight, or 2N with N per polarity
-    mvm_array = (fwd + bwd) * c.devices_per_weight * v["read_voltage"] ** 2 * g * v["mvm_time"] * 1e-3
+    mvm_array = sum((lc.forward_macs + lc.backward_macs) * lc.devices for lc in c.layers) * v["read_voltage"] ** 2 \
+        * g * v["mvm_time"] * 1e-3
     read_array = v["read_voltage"] ** 2 * rd.g_sum_us * v["read_time"] * 1e-3
     # V [V] x I [uA] x t [ns] = 1e-15 J = 1e-3 pJ
     set_pj = lambda p: v["set_cell_voltage"] * p.set_ua_ns * 1e-3  # noqa: E731

@@ -39,6 +39,7 @@ class LayerCount:
     update_inputs: float  # nonzero inputs (bias included) summed over the uses, per sample
     update_inputs_from: str  # how update_inputs was counted
     input_grad: bool = True  # whether the backward pass needs the gradient of the layer's input (d @ W^T)
+    devices: int = 2  # devices per weight: G+ and G-, times the layer's devices per polarity
 
     @property
     def weights(self) -> int:
@@ -95,7 +96,7 @@ class LayerCount:
                 "forward_dac": self.forward_dac, "forward_adc": self.forward_adc, "backward_dac": self.backward_dac,
                 "backward_adc": self.backward_adc, "update_inputs": self.update_inputs,
                 "update_inputs_from": self.update_inputs_from, "update_macs": self.update_macs,
-                "update_words": self.update_words, "input_grad": self.input_grad}
+                "update_words": self.update_words, "input_grad": self.input_grad, "devices_per_weight": self.devices}
 
 
 @dataclass
@@ -148,7 +149,6 @@ class Counts:
     skipped_programs: dict[str, int] = field(default_factory=dict)
     not_counted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    devices_per_weight: int = 2  # G+ and G-, times mapping.devices_per_polarity
 
     def training_reads(self) -> ReadClass:
         out = ReadClass()
@@ -168,7 +168,7 @@ class Counts:
                 "programs": {k: v.as_dict() for k, v in self.programs.items()},
                 "reads": {k: v.as_dict() for k, v in self.reads.items()},
                 "mean_g_us": self.mean_g_us, "measured_us_per_sample": self.measured_us_per_sample,
-                "skipped_programs": self.skipped_programs, "devices_per_weight": self.devices_per_weight}
+                "skipped_programs": self.skipped_programs}
 
 
 def _layer_shapes(r: RunLogReader, attrs: dict[str, Any], not_counted: list[str]) -> list[tuple[str, int, int]]:
@@ -457,7 +457,8 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
             else:
                 how = "every input counted (dense): the data set could not be loaded"
         # the first layer of an mlp / cnn takes the data (no gradient); an lstm's takes the (digital) embedding and h
-        layers.append(LayerCount(i, name, lkind, fan_in, fan_out, u, upd, how, input_grad=i > 0 or kind == "lstm"))
+        layers.append(LayerCount(i, name, lkind, fan_in, fan_out, u, upd, how, input_grad=i > 0 or kind == "lstm",
+                                 devices=2 * _copies(cfg, i)))
 
     full = [reads[k] for k in FULL_READS if k in reads]
     n_full = sum(c.devices for c in full)
@@ -475,6 +476,13 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
     if measured is None:
         not_counted.append("measured wall time: summary.json has none for this run (killed, live or unfinished)")
     epochs_done = samples / samples_per_epoch if samples_per_epoch else None
-    copies = int(cfg.get("mapping", {}).get("devices_per_polarity", 1))
     return Counts(run_dir, state, kind, batch, steps, samples, samples_per_epoch, epochs_done, layers, programs, reads,
-                  mean_g, measured, skipped, not_counted, notes, 2 * copies)
+                  mean_g, measured, skipped, not_counted, notes)
+
+
+def _copies(cfg: dict[str, Any], layer: int) -> int:
+    """mapping.devices_per_polarity of a layer (one for all layers, or one per layer, the last repeating)."""
+    d = cfg.get("mapping", {}).get("devices_per_polarity", 1)
+    if isinstance(d, list):
+        return int(d[min(layer, len(d) - 1)]) if d else 1
+    return int(d)

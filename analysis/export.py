@@ -182,7 +182,8 @@ def _devices(r: RunLogReader, notes: list[str]) -> _Devices:
             for layer in np.unique(t[:, 0]):
                 s = t[t[:, 0] == layer]
                 for c in range(k):
-                    pairs.append((int(layer), s[:, 1], s[:, 2], s[:, 3 + c], s[:, 3 + k + c]))
+                    have = s[:, 3 + c] >= 0  # (-1: a layer with fewer copies than the most)
+                    pairs.append((int(layer), s[have, 1], s[have, 2], s[have, 3 + c], s[have, 3 + k + c]))
     if not pairs:
         i = 0
         while f"mapping/layer{i}_gplus" in names and f"mapping/layer{i}_gminus" in names:

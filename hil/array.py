@@ -149,14 +149,18 @@ class ArrayWeights(ResponseFollowing):
         # Net SET pulses of update programs per weight (G+ minus G-): chi's ledger, checked by the tests.
         self._net_flat, self.net_pulses = flat(np.int64)
         # Each weight's G+ and G- addresses in the same flat order, (copies, flat) with mapping.copies devices per
-        # polarity (the mapping never changes).
+        # polarity, the most of any layer: a layer with fewer repeats its last copy there (the lowest-G choice
+        # then still picks one of its own devices). The mapping never changes.
         self.copies = mapping.copies
         self._plus_cp = np.zeros((self.copies, size), np.int64)
         self._minus_cp = np.zeros((self.copies, size), np.int64)
         for lm, off in zip(mapping.layers, self._offsets, strict=True):
             n = lm.shape[0] * lm.shape[1]
-            self._plus_cp[:, off:off + n] = lm.plus_copies
-            self._minus_cp[:, off:off + n] = lm.minus_copies
+            rep = np.minimum(np.arange(self.copies), lm.copies - 1)
+            self._plus_cp[:, off:off + n] = lm.plus_copies[rep]
+            self._minus_cp[:, off:off + n] = lm.minus_copies[rep]
+        # (the read-back of a step's program sums the planned copies only when no layer repeats one)
+        self._planned_sums = mapping.uniform_copies
         self._plus_flat, self._minus_flat = self._plus_cp[0], self._minus_cp[0]
         self.counters = Counters()
         self.step = 0
@@ -218,7 +222,7 @@ class ArrayWeights(ResponseFollowing):
             self._dirty.append(r.addresses)
         if addresses is None:
             self.weights_from_g()
-        elif self._planned is not None and addresses is self._planned[0].addresses:
+        elif self._planned_sums and self._planned is not None and addresses is self._planned[0].addresses:
             self._refresh_planned_weights(self._planned[1])
         else:
             self._refresh_weights(r.addresses)
@@ -319,7 +323,9 @@ class ArrayWeights(ResponseFollowing):
         elif rec.kind == REFRESH:
             # A refresh RESETs every device of each weight (a verify top-up RESETs none): booked per program, so
             # a resume's roll-forward counts the refreshes of its window as the live run did.
-            self.counters.refreshes += p.reset_pulses // (2 * self.copies)
+            if p.reset_pulses:  # (a refresh program is one layer's: its first device says which)
+                copies = self.mapping.layers[int(self.mapping.layer_of[p.addresses[0]])].copies
+                self.counters.refreshes += p.reset_pulses // (2 * copies)
 
     def settle(self, program: PulseProgram) -> None:
         """chi -= sign * n * eps for each weight an update program pulsed (G+: sign +1, G-: sign -1)."""
@@ -464,8 +470,8 @@ class ArrayWeights(ResponseFollowing):
             return 0
         verify = self.refresh_cfg.mode == "verify"
         # a program addresses every device of its weights: at most max_devices_per_program of them
-        most = max(1, self.driver.limits.max_devices_per_program // (2 * self.copies))
         for lm, todo_l in zip(self.mapping.layers, todo, strict=True):
+            most = max(1, self.driver.limits.max_devices_per_program // (2 * lm.copies))
             for lo in range(0, todo_l.size, most):
                 widx = todo_l[lo:lo + most]
                 # A weight past the threshold itself is reprogrammed just below it, or it would refresh forever.

@@ -80,7 +80,7 @@ def betas(cfg: RunConfig, n_layers: int) -> list[float]:
             raise ConfigError(f"mapping.beta has {len(m.beta)} values, the network has {n_layers} layers")
         return list(m.beta)
     w = [m.w_max[min(i, len(m.w_max) - 1)] for i in range(n_layers)]
-    return [x / (m.g_range_us * m.devices_per_polarity) for x in w]
+    return [x / (m.g_range_us * n) for x, n in zip(w, m.copies(n_layers), strict=True)]
 
 
 def eps_per_layer(cfg: RunConfig, model: ChipModel, beta: list[float]) -> list[float]:
@@ -141,7 +141,7 @@ def make_driver(cfg: RunConfig, shapes: list[tuple[int, int]], model: ChipModel)
             raise
         return replay
     if d.kind == "mock":
-        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0, cfg.mapping.devices_per_polarity)
+        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0, cfg.mapping.copies(len(shapes)))
         # the torch model on "cpu" keeps float64 state in host memory; on "cuda" the state is on the GPU
         per_device = TORCH_MOCK_BYTES_PER_DEVICE if d.device == "cpu" else MOCK_BYTES_PER_DEVICE
         check_run_fits(g.n_devices, n_weights(shapes), simulated_chip=True, what=f"a {g.rows} x {g.cols} simulated chip",

@@ -200,11 +200,18 @@ class MappingConfig(_Strict):
     g_range_us: float = Field(8.0, gt=0, le=1000, description="Usable conductance range of one device, uS.")
     row0: Int = Field(0, ge=0, description="First array row used.")
     col0: Int = Field(0, ge=0, description="First array column used.")
-    devices_per_polarity: Int = Field(
-        1, ge=1, le=16, description="Devices per polarity of each weight, W = beta * sum_k (G+_k - G-_k) (a "
-                                    "multi-memristive synapse): each update pulse goes to the polarity's device of "
-                                    "lowest conductance, so write and read noise per unit of weight fall as "
-                                    "1 / sqrt(N) (docs/training.md).")
+    devices_per_polarity: Annotated[int, Strict(), Field(ge=1, le=16)] | list[Annotated[int, Strict(), Field(ge=1, le=16)]] = Field(
+        1, description="Devices per polarity of each weight, W = beta * sum_k (G+_k - G-_k) (a multi-memristive "
+                       "synapse): one for every layer, or one per layer (the last value repeats); each update "
+                       "pulse goes to the polarity's device of lowest conductance, so write and read noise per "
+                       "unit of weight fall as 1 / sqrt(N) (docs/training.md).")
+
+    def copies(self, n_layers: int) -> list[int]:
+        """devices_per_polarity of each of n_layers layers."""
+        d = self.devices_per_polarity
+        if isinstance(d, int):
+            return [d] * n_layers
+        return [d[min(i, len(d) - 1)] for i in range(n_layers)]
 
 
 class UpdateConfig(_Strict):

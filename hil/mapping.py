@@ -63,6 +63,13 @@ class LayerMap:
         return self.minus.reshape(self.copies, -1)
 
 
+def _per_layer(copies: int | list[int], n_layers: int) -> list[int]:
+    """Devices per polarity of each layer: one value for all, or one per layer (the last repeats)."""
+    if isinstance(copies, int):
+        return [copies] * n_layers
+    return [int(copies[min(i, len(copies) - 1)]) for i in range(n_layers)]
+
+
 def _block_addresses(block: Block, cols: int) -> np.ndarray:
     r = np.arange(block.row0, block.row0 + block.rows, dtype=np.int64)[:, None]
     c = np.arange(block.col0, block.col0 + block.cols, dtype=np.int64)[None, :]
@@ -88,20 +95,27 @@ class Mapping:
 
     @property
     def copies(self) -> int:
-        """Devices per polarity of every weight (1: one pair per weight)."""
-        return self.layers[0].copies if self.layers else 1
+        """The most devices per polarity of any layer's weights (1: one pair per weight everywhere)."""
+        return max((lm.copies for lm in self.layers), default=1)
+
+    @property
+    def uniform_copies(self) -> bool:
+        """Whether every layer has the same devices per polarity."""
+        return len({lm.copies for lm in self.layers}) <= 1
 
     @staticmethod
-    def required_geometry(sizes: list[int], row0: int = 0, col0: int = 0, copies: int = 1) -> Geometry:
+    def required_geometry(sizes: list[int], row0: int = 0, col0: int = 0, copies: int | list[int] = 1) -> Geometry:
         """Smallest array that holds a network with these layer sizes (inputs, hidden..., outputs)."""
         return Mapping.geometry_for(shapes_of(sizes), row0, col0, copies)
 
     @staticmethod
-    def geometry_for(shapes: list[tuple[int, int]], row0: int = 0, col0: int = 0, copies: int = 1) -> Geometry:
+    def geometry_for(shapes: list[tuple[int, int]], row0: int = 0, col0: int = 0,
+                     copies: int | list[int] = 1) -> Geometry:
         """Smallest array that holds layers of these (fan_in, fan_out) side by side (a simulated chip's size),
-        copies devices per polarity."""
+        copies devices per polarity (one for all layers, or one per layer)."""
+        n = _per_layer(copies, len(shapes))
         rows = row0 + max(i + 1 for i, _ in shapes)
-        cols = col0 + sum(2 * copies * o for _, o in shapes)
+        cols = col0 + sum(2 * k * o for k, (_, o) in zip(n, shapes, strict=True))
         return Geometry(rows, cols)
 
     @classmethod
@@ -111,12 +125,13 @@ class Mapping:
 
     @classmethod
     def build_layers(cls, shapes: list[tuple[int, int]], betas: list[float], geometry: Geometry, row0: int = 0,
-                     col0: int = 0, names: list[str] | None = None, copies: int = 1) -> Mapping:
+                     col0: int = 0, names: list[str] | None = None, copies: int | list[int] = 1) -> Mapping:
         """Place layers of these (fan_in, fan_out) side by side from (row0, col0), copies devices per polarity; a
         layer that does not fit beside the previous ones starts a new band of rows below them. MappingError names
         the first layer that does not fit."""
-        if copies < 1:
-            raise MappingError(f"devices per polarity must be at least 1, not {copies}")
+        per_layer = _per_layer(copies, len(shapes))
+        if min(per_layer, default=1) < 1:
+            raise MappingError(f"devices per polarity must be at least 1, not {min(per_layer)}")
         names = names if names is not None else [str(i) for i in range(len(shapes))]
         n = geometry.n_devices
         layer_of = np.full(n, -1, np.int16)
@@ -125,12 +140,14 @@ class Mapping:
         layers = []
         row, col, band = row0, col0, 0
         for i, (fan_in, fan_out) in enumerate(shapes):
+            copies = per_layer[i]
             h, w = fan_in + 1, 2 * copies * fan_out
             if col + w > geometry.cols and col > col0:
                 row, col, band = row + band, col0, 0
             if row + h > geometry.rows or col + w > geometry.cols:
-                need = cls.geometry_for(shapes, row0, col0, copies)
-                desc = ", ".join(f"{nm} {a + 1}x{2 * copies * b}" for nm, (a, b) in zip(names, shapes, strict=True))
+                need = cls.geometry_for(shapes, row0, col0, per_layer)
+                desc = ", ".join(f"{nm} {a + 1}x{2 * k * b}" for nm, k, (a, b) in zip(names, per_layer, shapes,
+                                                                                         strict=True))
                 raise MappingError(f"layer {names[i]} ({h} rows x {w} columns of devices) does not fit on the "
                                    f"{geometry.rows} x {geometry.cols} array from row {row}, col {col}; the network "
                                    f"({desc}) needs a {need.rows} x {need.cols} array side by side "
@@ -153,12 +170,13 @@ class Mapping:
 
     def table(self) -> np.ndarray:
         """The mapping as an int64 array, one row per weight: layer, row, col, G+ address(es), G- address(es)
-        (table_columns() names them)."""
-        rows = []
+        (table_columns() names them; a layer with fewer copies than the most has -1 in the columns it lacks)."""
+        rows, n = [], self.copies
         for lm in self.layers:
             r, c = np.indices(lm.shape)
-            rows.append(np.stack([np.full(r.size, lm.index), r.ravel(), c.ravel(), *lm.plus_copies,
-                                  *lm.minus_copies], 1))
+            pad = [np.full(r.size, -1)] * (n - lm.copies)
+            rows.append(np.stack([np.full(r.size, lm.index), r.ravel(), c.ravel(), *lm.plus_copies, *pad,
+                                  *lm.minus_copies, *pad], 1))
         return np.concatenate(rows).astype(np.int64)
 
     def table_columns(self) -> str:

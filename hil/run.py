@@ -133,7 +133,7 @@ def build_session(cfg: RunConfig, data: Dataset, run_dir: Path | None, inner: Ar
     net = build_network(cfg, data, torch_model=True if MVM in inner.capabilities else None)
     beta = betas(cfg, len(net.shapes))
     mapping = Mapping.build_layers(net.shapes, beta, inner.geometry, cfg.mapping.row0, cfg.mapping.col0, net.names,
-                                   cfg.mapping.devices_per_polarity)
+                                   cfg.mapping.copies(len(net.shapes)))
     eps = eps_per_layer(cfg, model, beta)
     attrs = {"config_toml": cfg.to_toml(), "safety_limits_json": inner.limits.model_dump_json(),
              "instrument_identity": inner.identity, "package_version": __version__, "git_commit": git_commit(),
@@ -382,7 +382,7 @@ def resume_run(run_dir: Path, *, config: RunConfig | None = None, driver: str | 
     shapes = layer_shapes(cfg, data)
     reapply = meta.get("chip") is not None
     if reapply:
-        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0, cfg.mapping.devices_per_polarity)
+        g = Mapping.geometry_for(shapes, cfg.mapping.row0, cfg.mapping.col0, cfg.mapping.copies(len(shapes)))
         d = cfg.driver
         inner: ArrayDriver = MockDriver.from_state(run_dir / meta["chip"], g.rows, g.cols, seed=d.seed,
                                                    limits=limits_in_force(cfg), analog_mvm=d.analog_mvm)

@@ -195,3 +195,45 @@ def test_programs_larger_than_the_limit_are_split(tmp_path: Path) -> None:
     assert sum(p.addresses.size for p in init) == n_mapped and len(init) == -(-n_mapped // 700) > 1
     assert np.unique(np.concatenate([p.addresses for p in init])).size == n_mapped
     assert s["refreshes"] > 0
+
+
+def test_layers_may_have_their_own_number_of_copies(tmp_path: Path) -> None:
+    """mapping.devices_per_polarity per layer (a GAN's discriminator on copies, its generator on one pair)."""
+    m = Mapping.build_layers([(4, 3), (3, 2)], [0.1, 0.2], Mapping.geometry_for([(4, 3), (3, 2)], copies=[3, 1]),
+                             copies=[3, 1])
+    assert m.geometry == Geometry(5, 2 * 3 * 3 + 2 * 2) and m.copies == 3 and not m.uniform_copies
+    assert m.layers[0].plus.shape == (3, 5, 3) and m.layers[1].plus.shape == (4, 2)
+    t = m.table()
+    assert t.shape == (5 * 3 + 4 * 2, 3 + 6) and (t[t[:, 0] == 1][:, [4, 5, 7, 8]] == -1).all()
+    assert (t[t[:, 0] == 0] >= 0).all()
+
+    cfg = _digits(**{"mapping.devices_per_polarity": [3, 1], "read_policy.average": 2})
+    s = start_run(cfg, tmp_path / "run")
+    with np.load(tmp_path / "run" / "checkpoint.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    with RunLogReader(tmp_path / "run" / "run.h5") as r:
+        eps = json.loads(r.attrs["eps_per_layer_json"])
+        beta = json.loads(r.attrs["beta_per_layer_json"])
+        progs = [p for _, _, p in r.programs()]
+        plus = [r.array(f"mapping/layer{i}_gplus") for i in range(2)]
+        minus0 = r.array("mapping/layer0_gminus")
+    assert plus[0].shape == (3, 65, 12) and plus[1].shape == (13, 10)
+    assert beta == pytest.approx([0.5 / (8.0 * 3), 1.0 / 8.0])  # w_max / (g_range_us x the layer's copies)
+    for i in range(2):
+        np.testing.assert_allclose(arrays[f"chi{i}"] + eps[i] * arrays[f"net{i}"], arrays[f"total{i}"], atol=1e-9)
+    # a refresh RESETs all 2N devices of its layer's weights: the summary's count, layer by layer
+    layer0 = set(np.concatenate([plus[0].ravel(), minus0.ravel()]).tolist())
+    refreshes = 0
+    for p in progs[1:]:
+        if p.reset.any():
+            refreshes += int(p.reset.sum()) // (6 if int(p.addresses[0]) in layer0 else 2)
+    assert s["refreshes"] == refreshes > 0
+    # the export skips the table's -1 columns: every mapped device, and only those, has a layer and a role
+    import pandas as pd
+
+    from analysis.export import export_run
+
+    reads = pd.read_csv(export_run(tmp_path / "run", "reads", "csv", tmp_path / "reads.csv").path)
+    first = reads[reads["reason"] == "initial"].drop_duplicates("address")
+    n_mapped = 2 * plus[0].size + 2 * plus[1].size
+    assert len(first) == n_mapped and set(first["role"]) == {"G+", "G-"} and (first["layer"] >= 0).all()
