@@ -14,6 +14,8 @@ import numpy as np
 from drivers.runlog import RunLogError, RunLogReader
 from drivers.runlog.schema import ARRAYS
 
+from hil.mapping import per_layer
+
 from .runs import AnalysisError, _config, _json_attr, _summary, _text, find_log, open_log, writer_alive
 
 #: Read reasons of training (the read-backs and periodic reads a training step needs); the others are set-up
@@ -442,6 +444,7 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
                      f"{samples:,}; the counts use {samples:,}")
 
     layers: list[LayerCount] = []
+    copies = per_layer(cfg.get("mapping", {}).get("devices_per_polarity", 1), len(shapes))
     for i, ((name, fan_in, fan_out), (lkind, u, geom)) in enumerate(zip(shapes, uses, strict=True)):
         if i == 0 and times is not None and samples and kind in ("mlp", "cnn"):
             nz = first_layer_nonzero(data.x_train, geom)
@@ -458,7 +461,7 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
                 how = "every input counted (dense): the data set could not be loaded"
         # the first layer of an mlp / cnn takes the data (no gradient); an lstm's takes the (digital) embedding and h
         layers.append(LayerCount(i, name, lkind, fan_in, fan_out, u, upd, how, input_grad=i > 0 or kind == "lstm",
-                                 devices=2 * _copies(cfg, i)))
+                                 devices=2 * copies[i]))
 
     full = [reads[k] for k in FULL_READS if k in reads]
     n_full = sum(c.devices for c in full)
@@ -479,10 +482,3 @@ def _count(r: RunLogReader, run_dir: Path, live: bool, notes: list[str], not_cou
     return Counts(run_dir, state, kind, batch, steps, samples, samples_per_epoch, epochs_done, layers, programs, reads,
                   mean_g, measured, skipped, not_counted, notes)
 
-
-def _copies(cfg: dict[str, Any], layer: int) -> int:
-    """mapping.devices_per_polarity of a layer (one for all layers, or one per layer, the last repeating)."""
-    d = cfg.get("mapping", {}).get("devices_per_polarity", 1)
-    if isinstance(d, list):
-        return int(d[min(layer, len(d) - 1)]) if d else 1
-    return int(d)

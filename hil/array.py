@@ -235,10 +235,8 @@ class ArrayWeights(ResponseFollowing):
             self._refresh_weights(addresses)
             return
         for lm, w in zip(self.mapping.layers, self.w, strict=True):
-            if lm.copies == 1:
-                np.subtract(self.g[lm.plus], self.g[lm.minus], out=w)
-            else:
-                np.subtract(self.g[lm.plus].sum(axis=0), self.g[lm.minus].sum(axis=0), out=w)
+            # (a sum over one copy is that copy's value, bit for bit)
+            np.subtract(self.g[lm.plus_copies].sum(axis=0), self.g[lm.minus_copies].sum(axis=0), out=w.reshape(-1))
             w *= lm.beta
 
     def _refresh_planned_weights(self, planned: PlannedPulses) -> None:
@@ -258,12 +256,10 @@ class ArrayWeights(ResponseFollowing):
             widx = m.weight_of[addresses[layer == lm.index]]
             if not widx.size:
                 continue
-            if lm.copies == 1:
-                w.flat[widx] = lm.beta * (self.g[lm.plus.flat[widx]] - self.g[lm.minus.flat[widx]])
-            else:
+            if lm.copies > 1:
                 widx = _sorted_unique(widx)  # several copies of one weight may have been read
-                gp = self.g[lm.plus_copies[:, widx]].sum(axis=0)
-                w.flat[widx] = lm.beta * (gp - self.g[lm.minus_copies[:, widx]].sum(axis=0))
+            gp = self.g[lm.plus_copies[:, widx]].sum(axis=0)
+            w.flat[widx] = lm.beta * (gp - self.g[lm.minus_copies[:, widx]].sum(axis=0))
 
     # ------------------------------------------------------------------ programs
     def _new_program(self, addresses: np.ndarray, counts: np.ndarray, reset: np.ndarray) -> PulseProgram:

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, mode
 from drivers import PulseShapes, SafetyLimits, SafetyViolation
 from sim.files import TomlFileError, read_toml
 
+from .mapping import per_layer
+
 
 class ConfigError(ValueError):
     """A run config is unreadable or invalid; the message names the file and the offending key."""
@@ -208,10 +210,7 @@ class MappingConfig(_Strict):
 
     def copies(self, n_layers: int) -> list[int]:
         """devices_per_polarity of each of n_layers layers."""
-        d = self.devices_per_polarity
-        if isinstance(d, int):
-            return [d] * n_layers
-        return [d[min(i, len(d) - 1)] for i in range(n_layers)]
+        return per_layer(self.devices_per_polarity, n_layers)
 
 
 class UpdateConfig(_Strict):

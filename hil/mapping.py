@@ -63,10 +63,13 @@ class LayerMap:
         return self.minus.reshape(self.copies, -1)
 
 
-def _per_layer(copies: int | list[int], n_layers: int) -> list[int]:
-    """Devices per polarity of each layer: one value for all, or one per layer (the last repeats)."""
+def per_layer(copies: int | list[int], n_layers: int) -> list[int]:
+    """Devices per polarity of each layer: one value for all, or one per layer (the last repeats; an empty list
+    is 1)."""
     if isinstance(copies, int):
         return [copies] * n_layers
+    if not copies:
+        return [1] * n_layers
     return [int(copies[min(i, len(copies) - 1)]) for i in range(n_layers)]
 
 
@@ -113,7 +116,7 @@ class Mapping:
                      copies: int | list[int] = 1) -> Geometry:
         """Smallest array that holds layers of these (fan_in, fan_out) side by side (a simulated chip's size),
         copies devices per polarity (one for all layers, or one per layer)."""
-        n = _per_layer(copies, len(shapes))
+        n = per_layer(copies, len(shapes))
         rows = row0 + max(i + 1 for i, _ in shapes)
         cols = col0 + sum(2 * k * o for k, (_, o) in zip(n, shapes, strict=True))
         return Geometry(rows, cols)
@@ -129,9 +132,9 @@ class Mapping:
         """Place layers of these (fan_in, fan_out) side by side from (row0, col0), copies devices per polarity; a
         layer that does not fit beside the previous ones starts a new band of rows below them. MappingError names
         the first layer that does not fit."""
-        per_layer = _per_layer(copies, len(shapes))
-        if min(per_layer, default=1) < 1:
-            raise MappingError(f"devices per polarity must be at least 1, not {min(per_layer)}")
+        layer_copies = per_layer(copies, len(shapes))
+        if min(layer_copies, default=1) < 1:
+            raise MappingError(f"devices per polarity must be at least 1, not {min(layer_copies)}")
         names = names if names is not None else [str(i) for i in range(len(shapes))]
         n = geometry.n_devices
         layer_of = np.full(n, -1, np.int16)
@@ -140,13 +143,13 @@ class Mapping:
         layers = []
         row, col, band = row0, col0, 0
         for i, (fan_in, fan_out) in enumerate(shapes):
-            copies = per_layer[i]
+            copies = layer_copies[i]
             h, w = fan_in + 1, 2 * copies * fan_out
             if col + w > geometry.cols and col > col0:
                 row, col, band = row + band, col0, 0
             if row + h > geometry.rows or col + w > geometry.cols:
-                need = cls.geometry_for(shapes, row0, col0, per_layer)
-                desc = ", ".join(f"{nm} {a + 1}x{2 * k * b}" for nm, k, (a, b) in zip(names, per_layer, shapes,
+                need = cls.geometry_for(shapes, row0, col0, layer_copies)
+                desc = ", ".join(f"{nm} {a + 1}x{2 * k * b}" for nm, k, (a, b) in zip(names, layer_copies, shapes,
                                                                                          strict=True))
                 raise MappingError(f"layer {names[i]} ({h} rows x {w} columns of devices) does not fit on the "
                                    f"{geometry.rows} x {geometry.cols} array from row {row}, col {col}; the network "
